@@ -1,0 +1,59 @@
+// Element types crossing the Python/C++ boundary, and scalar conversions between them.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fusedlm {
+
+// Dtype codes passed from Python (fusedlm/ops/_checks.py: DTYPE_CODES must match).
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest, ties to even: the same rounding as torch's float -> bfloat16 cast.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays a (quiet) NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float f16_to_float(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, sizeof(v));
+  return static_cast<float>(v);
+}
+
+inline uint16_t float_to_f16(float f) {
+  _Float16 v = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &v, sizeof(h));
+  return h;
+}
+
+// Element i of a buffer of `dtype`, widened to float.
+inline float load_as_float(const void* data, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::F32: return static_cast<const float*>(data)[i];
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(data)[i]);
+    case DType::F16: return f16_to_float(static_cast<const uint16_t*>(data)[i]);
+  }
+  return 0.0f;
+}
+
+// Stores float v as element i of a buffer of `dtype` (rounded to nearest even).
+inline void store_from_float(void* data, DType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case DType::F32: static_cast<float*>(data)[i] = v; break;
+    case DType::BF16: static_cast<uint16_t*>(data)[i] = float_to_bf16(v); break;
+    case DType::F16: static_cast<uint16_t*>(data)[i] = float_to_f16(v); break;
+  }
+}
+
+}  // namespace fusedlm

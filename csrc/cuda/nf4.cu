@@ -1,0 +1,109 @@
+// NF4 quantisation and dequantisation on NVIDIA GPUs, byte-identical to the reference
+// (python/fusedlm/reference/nf4.py). The code table and midpoints are arguments.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/ops.h"
+
+namespace fusedlm::cuda {
+
+namespace {
+
+__device__ inline float load(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+  }
+  return 0.0f;
+}
+
+__device__ inline void store(void* p, DType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    case DType::F16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+  }
+}
+
+__device__ inline unsigned nf4_index(float v, const float* midpoints) {
+  unsigned index = 0;
+#pragma unroll
+  for (int i = 0; i < 15; ++i) index += midpoints[i] < v;
+  return index;
+}
+
+// One block of threads per quantisation block: a max-reduction for absmax, then each thread
+// packs pairs of elements into bytes.
+__global__ void quantize_kernel(const void* w, DType dtype, int64_t n, int64_t blocksize,
+                                const float* midpoints_global, uint8_t* data, float* absmax) {
+  __shared__ float midpoints[15];
+  __shared__ float warp_max[32];
+  if (threadIdx.x < 15) midpoints[threadIdx.x] = midpoints_global[threadIdx.x];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
+  const int64_t end = min(n, begin + blocksize);
+
+  float amax = 0.0f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) amax = fmaxf(amax, fabsf(load(w, dtype, i)));
+  for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.0f;
+    for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if (threadIdx.x == 0) warp_max[0] = amax;
+  }
+  __syncthreads();
+  amax = warp_max[0];
+
+  const bool full = end - begin == blocksize;
+  const float safe = fmaxf(amax, 1e-38f);
+  const float inverse = __frcp_rn(safe);
+  if (threadIdx.x == 0) absmax[blockIdx.x] = full ? amax : safe;
+  for (int64_t i = begin + 2 * threadIdx.x; i < end; i += 2 * blockDim.x) {
+    const float a = load(w, dtype, i);
+    const float b = i + 1 < end ? load(w, dtype, i + 1) : 0.0f;
+    const float sa = fminf(1.0f, fmaxf(-1.0f, full ? __fmul_rn(a, inverse) : __fdiv_rn(a, safe)));
+    const float sb = fminf(1.0f, fmaxf(-1.0f, full ? __fmul_rn(b, inverse) : __fdiv_rn(b, safe)));
+    data[i / 2] = static_cast<uint8_t>((nf4_index(sa, midpoints) << 4) | nf4_index(sb, midpoints));
+  }
+}
+
+// One thread per output byte pair.
+__global__ void dequantize_kernel(const uint8_t* data, const float* absmax, int64_t n, int64_t blocksize,
+                                  const float* code_global, void* out, DType dtype) {
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = code_global[threadIdx.x];
+  __syncthreads();
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = 2 * pair;
+  if (i >= n) return;
+  const uint8_t byte = data[pair];
+  store(out, dtype, i, __fmul_rn(code[byte >> 4], absmax[i / blocksize]));
+  if (i + 1 < n) store(out, dtype, i + 1, __fmul_rn(code[byte & 0xF], absmax[(i + 1) / blocksize]));
+}
+
+}  // namespace
+
+int nf4_quantize(const void* w, DType dtype, int64_t n, int64_t blocksize, const float* midpoints,
+                 uint8_t* data, float* absmax, std::uintptr_t stream) {
+  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  if (n_blocks == 0) return 0;
+  const int threads = blocksize >= 512 ? 256 : 64;  // a multiple of 32, at most 1024
+  quantize_kernel<<<static_cast<unsigned>(n_blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      w, dtype, n, blocksize, midpoints, data, absmax);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int nf4_dequantize(const uint8_t* data, const float* absmax, int64_t n, int64_t blocksize,
+                   const float* code, void* out, DType dtype, std::uintptr_t stream) {
+  const int64_t pairs = (n + 1) / 2;
+  if (pairs == 0) return 0;
+  const int threads = 256;
+  dequantize_kernel<<<static_cast<unsigned>((pairs + threads - 1) / threads), threads, 0,
+                      reinterpret_cast<cudaStream_t>(stream)>>>(data, absmax, n, blocksize, code, out, dtype);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace fusedlm::cuda

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op; installed as fusedlm.kernels. Import triton lazily through these modules only."""

@@ -1,0 +1,13 @@
+"""fusedlm: fused kernels for the building blocks of large language models.
+
+    import fusedlm
+    from fusedlm import ops
+    ops.available_backends()          # ['reference', 'cpu', ...]
+    y = ops.attention(q, k, v, mask="causal")
+"""
+from . import ops
+from .ops import NF4Weight
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "NF4Weight", "__version__"]

@@ -1,0 +1,86 @@
+"""Argument checks shared by the public ops (DESIGN.md rule 2).
+
+Each raises TypeError (wrong kind or dtype) or ValueError (wrong shape or value) with a message
+naming the argument, what was expected and what came, before any pointer reaches C++.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Codes the C++/CUDA kernels use for element types (csrc/common/dtype.h: enum DType).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def tensor(name: str, value, *, dtypes: Iterable[torch.dtype] | None = None, ndim: int | Iterable[int] | None = None) -> torch.Tensor:
+    """Checks that `value` is a tensor with an allowed dtype and rank; returns it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got {value.dim()} (shape {tuple(value.shape)})")
+    return value
+
+
+def shape(name: str, value: torch.Tensor, expected: tuple) -> None:
+    """Checks value.shape == expected; a None entry in `expected` matches any size."""
+    actual = tuple(value.shape)
+    if len(actual) != len(expected) or any(e is not None and e != a for e, a in zip(expected, actual)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(actual)}")
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Checks that all given (non-None) tensors live on one device; returns it."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+    return first.device
+
+
+def same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
+    """Checks that all given (non-None) tensors share one dtype; returns it."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+    return first.dtype
+
+
+def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """Checks that `value` is a Python int (not bool) in [low, high]; returns it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def finite(name: str, value: torch.Tensor) -> None:
+    """Checks that `value` holds no NaN or infinity."""
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite, but it contains NaN or infinity")
+
+
+def no_nan(name: str, value: torch.Tensor) -> None:
+    """Checks that `value` holds no NaN (infinities are allowed)."""
+    if value.numel() and bool(torch.isnan(value).any()):
+        raise ValueError(f"{name} must not contain NaN")
+
+
+def num_threads() -> int:
+    """The thread count the CPU kernels use (DESIGN.md rule 5)."""
+    return torch.get_num_threads()
