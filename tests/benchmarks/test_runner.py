@@ -1,0 +1,50 @@
+"""The benchmark runner behind `fusedlm bench`: table, JSON, chart, suite selection."""
+import json
+import subprocess
+import sys
+import types
+
+from fusedlm.benchmarks import _harness, run
+
+
+def _rows():
+    return [
+        _harness.Row("toy", "n=8", "fusedlm[cpu]", 2.0, {"GB/s": 12.5}),
+        _harness.Row("toy", "n=8", "peer", 5.0),
+        _harness.Row("toy", "n=8", "fusedlm[reference]", 8.0),
+    ]
+
+
+def test_ratio_table_compares_with_the_first_fusedlm_row():
+    table = _harness.ratio_table(_rows())
+    assert "| toy | n=8 | peer | 5.000 | 2.50x |" in table
+    assert "| toy | n=8 | fusedlm[reference] | 8.000 | 4.00x |" in table
+    assert "GB/s=12.5" in table
+
+
+def test_write_results_writes_json_with_machine_and_a_chart(tmp_path):
+    json_path, png_path = _harness.write_results(_rows(), str(tmp_path))
+    data = json.loads(open(json_path).read())
+    assert data["machine"]["torch"] and data["machine"]["torch_threads"] >= 1
+    assert [r["impl"] for r in data["rows"]] == ["fusedlm[cpu]", "peer", "fusedlm[reference]"]
+    assert png_path is None or open(png_path, "rb").read(4) == b"\x89PNG"
+
+
+def test_timeit_returns_a_positive_median():
+    assert _harness.timeit(lambda: sum(range(100)), warmup=1, min_repeat=3, min_seconds=0.0) > 0
+
+
+def test_runner_runs_the_chosen_suite(tmp_path, monkeypatch, capsys):
+    toy = types.ModuleType("fusedlm.benchmarks.bench_toy")
+    toy.run = lambda full: _rows()
+    monkeypatch.setitem(sys.modules, "fusedlm.benchmarks.bench_toy", toy)
+    monkeypatch.setitem(run.SUITES, "toy", "bench_toy")
+    assert run.main(["--suite", "toy", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== toy (quick set) ==" in out and "2.50x" in out
+    assert (tmp_path / "results.json").exists()
+
+
+def test_cli_help():
+    result = subprocess.run([sys.executable, "-m", "fusedlm.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "fusedlm bench" in result.stdout
