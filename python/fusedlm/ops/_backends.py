@@ -14,7 +14,6 @@ the implementation. Choice order:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
@@ -25,7 +24,10 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedlm_backend", default=None)
+# Backends forced by use_backend(), innermost last. A plain list, not a ContextVar, so that
+# torch.compile can trace the dispatch (it guards on the list and recompiles when it changes);
+# the cost is that a forced backend applies to every thread of the process.
+_forced: list[str] = []
 _warned: set[tuple[str, str, str]] = set()
 
 
@@ -54,15 +56,27 @@ def cuda_module():
     return module
 
 
+@contextlib.contextmanager
+def cpu_isa_limit(name: str) -> Iterator[str]:
+    """Caps the SIMD level of the cpu kernels inside the block, for tests and benchmarks.
+
+    `name` is "scalar", "avx2", "avx512" or "avx512_bf16"; "scalar" forces the scalar paths that
+    every SIMD path must equal. Yields the level actually in use.
+    """
+    module = cpu_module()
+    module.set_max_isa(name)
+    try:
+        yield module.active_isa()
+    finally:
+        module.set_max_isa("avx512_bf16")  # the top level: no cap
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _why_unavailable(backend: str) -> str | None:
+def _probe(backend: str) -> str | None:
     """None if `backend` can run in this process, else the reason it cannot."""
-    if backend in ("reference",):
-        return None
     if backend == "cpu":
         return None if _compiled("_C") is not None else "fusedlm._C is not built"
     if backend == "triton":
@@ -71,7 +85,17 @@ def _why_unavailable(backend: str) -> str | None:
         if _compiled("_cuda") is None:
             return "fusedlm._cuda is not built (no CUDA compiler at install time)"
         return None if torch.cuda.is_available() else "no CUDA device is available"
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return None
+
+
+# Probed once at import: choose() reads a plain dict, which torch.compile traces without a break.
+_UNAVAILABLE: dict[str, str | None] = {b: _probe(b) for b in BACKENDS}
+
+
+def _why_unavailable(backend: str) -> str | None:
+    if backend not in _UNAVAILABLE:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return _UNAVAILABLE[backend]
 
 
 def available_backends() -> list[str]:
@@ -87,21 +111,23 @@ def _check_name(name: str, source: str) -> str:
 
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``FUSEDLM_BACKEND``, or None."""
-    name = _forced.get()
-    if name is not None:
-        return name
+    if _forced:
+        return _forced[-1]
     env = os.environ.get("FUSEDLM_BACKEND", "").strip()
     return _check_name(env, "FUSEDLM_BACKEND") if env else None
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force every fusedlm op inside the block onto backend `name` (errors instead of fallbacks)."""
-    token = _forced.set(_check_name(name, "use_backend(name)"))
+    """Force every fusedlm op inside the block onto backend `name` (errors instead of fallbacks).
+
+    Blocks nest (the innermost wins) and apply process-wide, to every thread.
+    """
+    _forced.append(_check_name(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def _runs_on(backend: str, device: torch.device) -> bool:
