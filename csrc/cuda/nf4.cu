@@ -4,28 +4,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/dtype.cuh"
 #include "cuda/ops.h"
 
 namespace fusedlm::cuda {
 
 namespace {
-
-__device__ inline float load(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
-  }
-  return 0.0f;
-}
-
-__device__ inline void store(void* p, DType dtype, int64_t i, float v) {
-  switch (dtype) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    case DType::F16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-  }
-}
 
 __device__ inline unsigned nf4_index(float v, const float* midpoints) {
   unsigned index = 0;
@@ -84,6 +68,57 @@ __global__ void dequantize_kernel(const uint8_t* data, const float* absmax, int6
   if (i + 1 < n) store(out, dtype, i + 1, __fmul_rn(code[byte & 0xF], absmax[(i + 1) / blocksize]));
 }
 
+template <typename T>
+__device__ inline float to_float(T v);
+template <>
+__device__ inline float to_float<float>(float v) { return v; }
+template <>
+__device__ inline float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ inline float to_float<__half>(__half v) { return __half2float(v); }
+
+// Decode GEMV: out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for the NF4 weight W [N, K].
+// One warp per (output feature n, row m of x): each lane streams 16 packed bytes (32 weights,
+// one scale: K % 32 == 0 and blocksizes are multiples of 32) per step with one 16-byte load,
+// decodes them through the code table in shared memory and accumulates in float32; a warp
+// shuffle reduction finishes the row.
+template <typename T>
+__global__ void gemv_kernel(const T* x, int64_t K, int64_t stride_xm, const uint8_t* data, const float* absmax,
+                            int64_t blocksize, int64_t N, const float* code_global, const float* bias, T* out) {
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = code_global[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t m = blockIdx.y;
+  if (n >= N) return;
+  const T* xm = x + m * stride_xm;
+  const int64_t row = n * K;
+  float acc = 0.0f;
+  for (int64_t c = 32 * lane; c < K; c += 32 * 32) {
+    const uint4 packed = *reinterpret_cast<const uint4*>(data + (row + c) / 2);
+    const float scale = absmax[(row + c) / blocksize];
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+    float part = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (words[w] >> (8 * b)) & 0xFF;
+        const int64_t k = c + 2 * (4 * w + b);
+        part = fmaf(code[byte >> 4], to_float(xm[k]), part);
+        part = fmaf(code[byte & 0xF], to_float(xm[k + 1]), part);
+      }
+    }
+    acc = fmaf(part, scale, acc);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (lane == 0) {
+    if (bias) acc += bias[n];
+    out[m * N + n] = T(acc);
+  }
+}
+
 }  // namespace
 
 int nf4_quantize(const void* w, DType dtype, int64_t n, int64_t blocksize, const float* midpoints,
@@ -103,6 +138,31 @@ int nf4_dequantize(const uint8_t* data, const float* absmax, int64_t n, int64_t 
   const int threads = 256;
   dequantize_kernel<<<static_cast<unsigned>((pairs + threads - 1) / threads), threads, 0,
                       reinterpret_cast<cudaStream_t>(stream)>>>(data, absmax, n, blocksize, code, out, dtype);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int nf4_gemv(const void* x, DType x_dtype, int64_t M, int64_t K, int64_t stride_xm, const uint8_t* data,
+             const float* absmax, int64_t blocksize, int64_t N, const float* code, const float* bias, void* out,
+             std::uintptr_t stream) {
+  if (M == 0 || N == 0) return 0;
+  const int warps = 8;
+  const dim3 grid(static_cast<unsigned>((N + warps - 1) / warps), static_cast<unsigned>(M));
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (x_dtype) {
+    case DType::F32:
+      gemv_kernel<float><<<grid, 32 * warps, 0, s>>>(static_cast<const float*>(x), K, stride_xm, data, absmax,
+                                                      blocksize, N, code, bias, static_cast<float*>(out));
+      break;
+    case DType::BF16:
+      gemv_kernel<__nv_bfloat16><<<grid, 32 * warps, 0, s>>>(static_cast<const __nv_bfloat16*>(x), K, stride_xm, data,
+                                                              absmax, blocksize, N, code, bias,
+                                                              static_cast<__nv_bfloat16*>(out));
+      break;
+    case DType::F16:
+      gemv_kernel<__half><<<grid, 32 * warps, 0, s>>>(static_cast<const __half*>(x), K, stride_xm, data, absmax,
+                                                       blocksize, N, code, bias, static_cast<__half*>(out));
+      break;
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -8,7 +8,22 @@ rounding rules are documented in :mod:`fusedlm.reference.nf4`, the ground truth.
 Backends: quantise/dequantise run on ``reference``, ``cpu`` (``csrc/cpu/nf4.cpp``), ``triton``
 (``kernels/nf4.py``) and ``cuda`` (``csrc/cuda/nf4.cu``). Double quantisation of absmax (8-bit,
 blocks of 256) is computed by the reference code on every backend: it touches 1/blocksize of the
-data.
+data; the matmuls receive the absmax it stands for (float32, undone once per call).
+
+``nf4_matmul`` backends:
+
+* ``cpu``: up to :data:`CPU_GEMV_MAX_ROWS` rows of x, a fused GEMV that streams the packed weight
+  once per 4 rows of x and decodes nibbles through the block-scaled code table in registers
+  (AVX-512 ``vpermps`` + FMA for float32/float16 x; ``vpermw`` + ``vdpbf16ps`` for bfloat16 x on
+  avx512_bf16, with the table rounded to bfloat16); above that, a tiled path that decodes
+  :data:`CPU_TILE_BYTES` of W at a time (bf16 for bf16 x, else float32) and multiplies each tile
+  with torch's GEMM, so the extra memory is one tile, never the whole weight. Needs K % 32 == 0;
+  other K fall back to ``reference`` (with a one-time warning) or raise when cpu is forced.
+* ``triton``: a GEMV for up to 8 rows (split-K when there are few output tiles) and a tiled
+  ``tl.dot`` GEMM, both decoding W tile by tile from the flat layout: any K.
+* ``cuda``: the decode GEMV (one warp per output feature and row of x, 16-byte loads, float32
+  accumulation) up to :data:`CPU_GEMV_MAX_ROWS` rows; above that, dequantise + cuBLAS. Needs
+  K % 32 == 0 (else the next backend).
 """
 from __future__ import annotations
 
@@ -192,11 +207,15 @@ def _dequantize_triton(data, absmax, blocksize, shape, dtype):
 @_dequantize.register("cuda")
 def _dequantize_cuda(data, absmax, blocksize, shape, dtype):
     out = torch.empty(shape, dtype=dtype, device=data.device)
+    _dequantize_cuda_into(data, absmax, blocksize, out)
+    return out
+
+
+def _dequantize_cuda_into(data, absmax, blocksize, out):
     cuda_module().nf4_dequantize(
         data.data_ptr(), absmax.data_ptr(), out.numel(), blocksize, ref.NF4_CODE.to(data.device).data_ptr(),
-        out.data_ptr(), _checks.DTYPE_CODES[dtype], torch.cuda.current_stream(data.device).cuda_stream,
+        out.data_ptr(), _checks.DTYPE_CODES[out.dtype], torch.cuda.current_stream(data.device).cuda_stream,
     )
-    return out
 
 
 @torch.library.custom_op("fusedlm::nf4_dequantize", mutates_args=())
@@ -235,7 +254,10 @@ def nf4_quantize(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = F
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if w.numel() == 0:
         raise ValueError(f"w must have at least one element, got shape {list(w.shape)}")
-    _checks.finite("w", w)
+    # min/max propagate NaN and show infinities: one read of w (torch.isfinite(w).all() is ~10x slower on CPU)
+    lo, hi = torch.aminmax(w.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise ValueError("w must be finite, but it contains NaN or infinity")
     backend = _quantize.choose(w.device, dtype=w.dtype)
     data, absmax = _nf4_quantize_op(w.detach(), blocksize, backend)
     qw = NF4Weight(data=data, absmax=absmax, blocksize=blocksize, shape=w.shape, dtype=w.dtype)
@@ -272,11 +294,17 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
         _checks.tensor("bias", bias, dtypes=_checks.FLOAT_DTYPES)
         _checks.shape("bias", bias, (n_out,))
     _checks.same_device(x=x, **{"qw.data": qw.data}, bias=bias)
-    backend = _matmul.choose(x.device, dtype=x.dtype)
+    backend = _matmul.choose(x.device, dtype=x.dtype, k=k)
     return _nf4_matmul_op(x, qw.data, qw.float_absmax(), qw.blocksize, list(qw.shape), bias, backend)
 
 
 _matmul = Dispatcher("nf4_matmul")
+
+# Up to this many rows of x the CPU runs its fused GEMV (each weight byte is decoded once per 4
+# rows of x, in registers); above it, the tiled path decodes one tile of rows of W at a time and
+# multiplies it with torch's GEMM.
+CPU_GEMV_MAX_ROWS = 16
+CPU_TILE_BYTES = 1 << 20  # size of one decoded tile of W on the tiled path
 
 
 @_matmul.register("reference")
@@ -284,12 +312,106 @@ def _matmul_reference(x, data, absmax, blocksize, shape, bias):
     return ref.matmul(x, data, absmax, blocksize, shape, bias)
 
 
+def _cpu_matmul_supports(k: int, **facts) -> str | None:
+    return None if k % 32 == 0 else f"the cpu kernel needs K % 32 == 0, got K={k}"
+
+
+@_matmul.register("cpu", supports=_cpu_matmul_supports)
+def _matmul_cpu(x, data, absmax, blocksize, shape, bias):
+    n_out, k = shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m <= CPU_GEMV_MAX_ROWS:
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+        bias32 = None if bias is None else bias.float().contiguous()
+        cpu_module().nf4_gemv(
+            x2.data_ptr(), _checks.DTYPE_CODES[x.dtype], m, k, x2.stride(0), data.data_ptr(), absmax.data_ptr(),
+            blocksize, n_out, ref.NF4_CODE.data_ptr(), 0 if bias32 is None else bias32.data_ptr(),
+            out.data_ptr(), _checks.DTYPE_CODES[x.dtype], _checks.num_threads(),
+        )
+        return out.view(*x.shape[:-1], n_out)
+    return _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias).view(*x.shape[:-1], n_out)
+
+
+def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
+    """Large M: decode a tile of rows of W (bf16 for bf16 x, else fp32) and multiply it, tile by tile.
+
+    Extra memory is one decoded tile plus its slice of the output, never the whole weight.
+    """
+    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+    xc = x2.to(compute)
+    # Tiles start at a multiple of `align` rows, so each tile starts at a block boundary.
+    align = blocksize // math.gcd(k, blocksize)
+    rows = max(align, CPU_TILE_BYTES // (k * xc.element_size()) // align * align)
+    out = torch.empty((x2.shape[0], n_out), dtype=torch.float32 if compute != x2.dtype else compute, device=x2.device)
+    flat_data = data.view(-1)
+    tile = torch.empty((rows, k), dtype=compute, device=x2.device)
+    for n0 in range(0, n_out, rows):
+        n1 = min(n_out, n0 + rows)
+        w = tile[: n1 - n0]
+        cpu_module().nf4_dequantize(
+            flat_data[n0 * k // 2 :].data_ptr(), absmax[n0 * k // blocksize :].data_ptr(), w.numel(), blocksize,
+            ref.NF4_CODE.data_ptr(), w.data_ptr(), _checks.DTYPE_CODES[compute], _checks.num_threads(),
+        )
+        out[:, n0:n1] = xc @ w.T
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out.to(x2.dtype)
+
+
+def _gpu_matmul_input(x, k):
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@_matmul.register("triton")
+def _matmul_triton(x, data, absmax, blocksize, shape, bias):
+    from ..kernels import nf4 as kernels
+
+    n_out, k = shape
+    out = kernels.matmul(_gpu_matmul_input(x, k), data.view(-1), absmax, blocksize, n_out, ref.NF4_CODE.to(x.device))
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], n_out)
+
+
+def _cuda_matmul_supports(k: int, **facts) -> str | None:
+    return None if k % 32 == 0 else f"the cuda GEMV needs K % 32 == 0, got K={k}"
+
+
+@_matmul.register("cuda", supports=_cuda_matmul_supports)
+def _matmul_cuda(x, data, absmax, blocksize, shape, bias):
+    n_out, k = shape
+    x2 = _gpu_matmul_input(x, k)
+    m = x2.shape[0]
+    if m > CPU_GEMV_MAX_ROWS:
+        # Prefill: dequantise to x's dtype and use cuBLAS (the fused CUDA kernel is the decode GEMV).
+        w = torch.empty((n_out, k), dtype=x.dtype, device=x.device)
+        _dequantize_cuda_into(data, absmax, blocksize, w)
+        out = x2 @ w.T
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return out.view(*x.shape[:-1], n_out)
+    if data.data_ptr() % 16:
+        data = data.clone()  # the kernel reads 16-byte words
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    bias32 = None if bias is None else bias.float().contiguous()
+    cuda_module().nf4_gemv(
+        x2.data_ptr(), _checks.DTYPE_CODES[x.dtype], m, k, x2.stride(0), data.data_ptr(), absmax.data_ptr(),
+        blocksize, n_out, ref.NF4_CODE.to(x.device).data_ptr(), 0 if bias32 is None else bias32.data_ptr(),
+        out.data_ptr(), _checks.DTYPE_CODES[x.dtype], torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    return out.view(*x.shape[:-1], n_out)
+
+
 @torch.library.custom_op("fusedlm::nf4_matmul", mutates_args=())
 def _nf4_matmul_op(
     x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: list[int],
     bias: torch.Tensor | None, backend: str,
 ) -> torch.Tensor:
-    return _matmul(backend, x, data, absmax, blocksize, shape, bias)
+    return _matmul(backend, x, data.contiguous(), absmax.contiguous(), blocksize, shape, bias)
 
 
 @_nf4_matmul_op.register_fake
@@ -310,7 +432,8 @@ def _matmul_backward(ctx, grad_out):
     blocksize, shape, x_dtype, backend = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = ref.dequantize(data, absmax, blocksize, shape, torch.float32)
+        # through the dequantise custom op, so fake tensors (torch.compile, opcheck) trace it
+        w = _nf4_dequantize_op(data, absmax, blocksize, shape, torch.float32, backend)
         grad_x = (grad_out.float() @ w).to(x_dtype)
     if ctx.needs_input_grad[5]:
         grad_bias = grad_out.float().reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)

@@ -113,8 +113,26 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).sort().values
 
 
+@functools.cache
+def _absmax_code_table() -> torch.Tensor:
+    """bitsandbytes' CPU lookup table for the 8-bit map: entry i is the index of the map entry
+    nearest to ``i / 32767.5 - 1`` (float32; a tie takes the lower entry), i = 0 ... 65535."""
+    code = dynamic_map()
+    grid = torch.arange(65536, dtype=torch.float32) / 32767.5 - 1
+    lower = (torch.searchsorted(code, grid, right=True) - 1).clamp(0, 255)
+    upper = (lower + 1).clamp(max=255)
+    take_upper = (code[upper] - grid).abs() < (grid - code[lower]).abs()
+    return torch.where(take_upper, upper, lower).to(torch.uint8)
+
+
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantisation: returns ``(codes uint8 [blocks], nested_absmax fp32 [ceil(blocks/256)], offset fp32 [])``."""
+    """Double quantisation: returns ``(codes uint8 [blocks], nested_absmax fp32 [ceil(blocks/256)], offset fp32 [])``.
+
+    The 8-bit codes are bitsandbytes' (CPU) exactly: the scaled value v in [-1, 1] is first rounded
+    to a grid of 65536 points, ``trunc((v + 1) * 32767.5 + 0.5)`` in float32, and the grid point
+    takes the map entry nearest to it (:func:`_absmax_code_table`). That is the nearest entry to v
+    itself except for values within half a grid step (1.5e-5) of a decision boundary.
+    """
     offset = absmax.mean()
     centred = absmax - offset
     n = centred.numel()
@@ -124,13 +142,8 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     # bitsandbytes divides without clamping; a block of zeros gives 0/0 = NaN, stored as code 0
     # (which dequantises to 0 * nested_absmax + offset, the right value).
     scaled = (blocks / nested_absmax.unsqueeze(1)).reshape(-1)[:n]
-    code = dynamic_map().to(absmax.device).clone()
-    code[0] = -1.0  # bitsandbytes searches a map whose first entry is moved from -0.993 to -1
-    lower = (torch.searchsorted(code, scaled, right=True) - 1).clamp(0, 255)
-    upper = (lower + 1).clamp(max=255)
-    # the entry at or below the value, unless the one above is strictly closer
-    take_upper = (code[upper] - scaled).abs() < (scaled - code[lower]).abs()
-    codes = torch.where(take_upper, upper, lower)
+    grid_index = torch.trunc((scaled + 1) * 32767.5 + 0.5).nan_to_num(0).long().clamp(0, 65535)
+    codes = _absmax_code_table().to(absmax.device)[grid_index]
     codes = torch.where(torch.isnan(scaled), 0, codes).to(torch.uint8)
     return codes, nested_absmax, offset
 

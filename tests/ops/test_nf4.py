@@ -1,0 +1,303 @@
+"""NF4 quantise / dequantise / dequant-matmul: every backend against the reference and bitsandbytes."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from fusedlm import ops
+from fusedlm.ops import _backends
+from fusedlm.ops import nf4 as nf4_ops
+from fusedlm.reference import nf4 as ref
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+HAS_TRITON = "triton" in ops.available_backends()
+BACKENDS = [
+    "reference",
+    "cpu",
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")]),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+QUANT_SHAPES = [(7,), (33, 17), (64, 96)]  # odd numel, a short tail block, whole blocks
+
+
+_isa = _backends.cpu_isa_limit
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def isa(request):
+    """Runs the cpu backend on its SIMD paths and again forced onto the scalar ones."""
+    with _isa("avx512_bf16" if request.param == "simd" else "scalar"):
+        yield request.param
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.05).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantise / dequantise
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpu-scalar"])
+@pytest.mark.parametrize("blocksize", ref.BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_is_byte_identical_to_reference_and_bitsandbytes(backend, blocksize, dtype):
+    isa = "scalar" if backend == "cpu-scalar" else "avx512_bf16"
+    backend = backend.removesuffix("-scalar")
+    for i, shape in enumerate(QUANT_SHAPES):
+        w = _weight(shape, dtype, seed=i)
+        with ops.use_backend(backend), _isa(isa):
+            qw = ops.nf4_quantize(w, blocksize=blocksize)
+            back = ops.nf4_dequantize(qw)
+        data, absmax = ref.quantize(w, blocksize)
+        assert torch.equal(qw.data, data) and torch.equal(qw.absmax, absmax), shape
+        bnb_data, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        assert torch.equal(qw.data, bnb_data) and torch.equal(qw.absmax, state.absmax), shape
+        assert back.dtype == dtype and back.shape == w.shape
+        assert torch.equal(back, ref.dequantize(data, absmax, blocksize, shape, dtype)), shape
+
+
+def test_dequantize_equals_bitsandbytes():
+    # rows a multiple of every blocksize: bitsandbytes' CPU dequantiser gets blocks that cross
+    # rows wrong (e.g. [64, 96] with blocksize 64), so that case is compared with the reference only
+    w = _weight((16, 4096), torch.float32)
+    for blocksize in ref.BLOCKSIZES:
+        qw = ops.nf4_quantize(w, blocksize=blocksize)
+        data, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        assert torch.equal(ops.nf4_dequantize(qw), bnbf.dequantize_4bit(data, state))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_edge_values(backend):
+    # zero blocks (full and tail), exact code values, values exactly on a midpoint
+    w = torch.zeros(64 + 64 + 10)
+    w[64:80] = ref.NF4_CODE
+    w[80:95] = ref.NF4_MIDPOINTS
+    w[95] = 1.0  # absmax 1: the midpoints are hit exactly
+    with ops.use_backend(backend):
+        qw = ops.nf4_quantize(w, blocksize=64)
+    data, absmax = ref.quantize(w, 64)
+    assert torch.equal(qw.data, data) and torch.equal(qw.absmax, absmax)
+    bnb_data, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(qw.data, bnb_data) and torch.equal(qw.absmax, state.absmax)
+    assert absmax[0] == 0 and absmax[2] == 1e-38  # a zero tail block stores the clamped absmax
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("scale", [0.01, 3.0])
+def test_double_quant_is_identical_to_bitsandbytes(blocksize, scale):
+    w = _weight((300, 512), torch.float32) * scale
+    qw = ops.nf4_quantize(w, blocksize=blocksize, double_quant=True)
+    data, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(qw.data, data)
+    assert torch.equal(qw.absmax, state.absmax)  # the 8-bit codes, bitsandbytes' grid lookup included
+    assert torch.equal(qw.nested_absmax, state.state2.absmax)
+    assert torch.equal(qw.offset, state.offset)
+    theirs = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset  # bnb leaves the offset out
+    assert torch.equal(qw.float_absmax(), theirs)
+
+
+def test_double_quant_codes_are_nearest_but_near_boundaries():
+    # bitsandbytes (and so the reference) rounds the scaled value to a grid of 65536 points before
+    # taking the nearest map entry: a code differs from the nearest entry by at most one step,
+    # and only for values within half a grid step of a decision boundary
+    absmax = torch.rand(4096) * 0.1
+    codes, nested, offset = ref.quantize_absmax(absmax)
+    scaled = ((absmax - offset).view(-1, 256) / nested[:, None]).reshape(-1)
+    code = ref.dynamic_map()
+    nearest = (scaled[:, None] - code[None, :]).abs().argmin(1)
+    differ = codes.long() != nearest
+    assert ((codes.long() - nearest).abs()[differ] == 1).all()
+    boundary = (code[codes.long()] + code[nearest]) / 2
+    assert ((scaled - boundary).abs()[differ] <= 1 / 32767.5).all()
+
+
+def test_double_quant_round_trip():
+    w = _weight((256, 128), torch.float32)
+    qw = ops.nf4_quantize(w, blocksize=32, double_quant=True)
+    plain = ops.nf4_quantize(w, blocksize=32)
+    assert qw.absmax.dtype == torch.uint8 and qw.nested_absmax.shape == (4,)
+    torch.testing.assert_close(qw.float_absmax(), plain.absmax, rtol=0, atol=qw.nested_absmax.max().item() / 100)
+
+
+def test_quantisation_error_equals_bitsandbytes():
+    w = torch.randn(512, 512)
+    qw = ops.nf4_quantize(w, blocksize=64)
+    data, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = (ops.nf4_dequantize(qw) - w).norm() / w.norm()
+    theirs = (ref.dequantize(data, state.absmax, 64, w.shape, torch.float32) - w).norm() / w.norm()
+    assert ours.item() == theirs.item() and 0.05 < ours.item() < 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul
+# ---------------------------------------------------------------------------------------------
+MATMUL_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def _check_matmul(backend, m, n, k, blocksize, double_quant, dtype, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    qw = ops.nf4_quantize(w, blocksize=blocksize, double_quant=double_quant)
+    with ops.use_backend(backend):
+        out = ops.nf4_matmul(x, qw, bias)
+    expected = ref.matmul(x, qw.data, qw.float_absmax(), blocksize, (n, k), bias)
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out.float(), expected.float(), **MATMUL_TOL[dtype])
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 100])
+@pytest.mark.parametrize("n,k", [(24, 64), (9, 96), (40, 1024)])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matmul_cpu_matches_reference(m, n, k, blocksize, double_quant, dtype, isa):
+    _check_matmul("cpu", m, n, k, blocksize, double_quant, dtype, with_bias=(m % 2 == 1))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("n,k,blocksize", [(24, 64, 32), (9, 40, 64), (5, 256, 4096)])
+def test_matmul_triton_matches_reference(m, n, k, blocksize):
+    # the GEMV path (m <= 8, with split-K for k=256) and the tiled tl.dot path; K=40 is not a
+    # multiple of 32 or of the blocksize
+    _check_matmul("triton", m, n, k, blocksize, double_quant=(m == 3), dtype=torch.float32, with_bias=(m != 1))
+
+
+def test_matmul_leading_dims_and_fp16():
+    w = torch.randn(24, 64) * 0.05
+    qw = ops.nf4_quantize(w, blocksize=64)
+    x = torch.randn(2, 3, 64)
+    out = ops.nf4_matmul(x, qw)
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, ref.matmul(x.reshape(-1, 64), qw.data, qw.absmax, 64, (24, 64)).view(2, 3, 24))
+    xh = x.half()
+    torch.testing.assert_close(ops.nf4_matmul(xh, qw).float(), ref.matmul(xh, qw.data, qw.absmax, 64, (24, 64)).float(), rtol=1e-2, atol=1e-2)
+    xt = torch.randn(64, 5).T  # x with a non-unit stride along K
+    torch.testing.assert_close(ops.nf4_matmul(xt, qw), ref.matmul(xt, qw.data, qw.absmax, 64, (24, 64)))
+    xh = torch.randn(40, 64).half()  # fp16 x on the tiled path (computes in fp32)
+    torch.testing.assert_close(ops.nf4_matmul(xh, qw).float(), ref.matmul(xh, qw.data, qw.absmax, 64, (24, 64)).float(), rtol=1e-2, atol=1e-2)
+    assert ops.nf4_matmul(torch.randn(0, 64), qw).shape == (0, 24)  # no rows
+
+
+def test_matmul_k_not_multiple_of_32_falls_back_or_raises():
+    w = torch.randn(8, 40)
+    qw = ops.nf4_quantize(w, blocksize=64)
+    x = torch.randn(3, 40)
+    with pytest.warns(RuntimeWarning, match="K % 32 == 0"):
+        out = ops.nf4_matmul(x, qw)
+    torch.testing.assert_close(out, ref.matmul(x, qw.data, qw.absmax, 64, (8, 40)))
+    with ops.use_backend("cpu"), pytest.raises(RuntimeError, match="K % 32 == 0"):
+        ops.nf4_matmul(x, qw)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_matmul_grads(backend):
+    w = torch.randn(24, 64) * 0.05
+    qw = ops.nf4_quantize(w, blocksize=32)
+    x = torch.randn(5, 64, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    with ops.use_backend(backend):
+        ops.nf4_matmul(x, qw, bias).pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    b2 = bias.detach().clone().requires_grad_()
+    (x2 @ ops.nf4_dequantize(qw).T + b2).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias.grad, b2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_gradcheck():
+    # gradcheck in float32 (the op takes fp32/bf16/fp16): the op is linear in x and bias
+    qw = ops.nf4_quantize(torch.randn(6, 32), blocksize=32)
+    x = torch.randn(2, 32, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not double precision": expected here
+        assert torch.autograd.gradcheck(lambda a, b: ops.nf4_matmul(a, qw, b), (x, bias), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom-op registration
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    w = torch.randn(16, 64)
+    torch.library.opcheck(nf4_ops._nf4_quantize_op, (w, 64, backend))
+    data, absmax = ref.quantize(w, 64)
+    torch.library.opcheck(nf4_ops._nf4_dequantize_op, (data, absmax, 64, [16, 64], torch.bfloat16, backend))
+    for m in (2, 20):  # GEMV and tiled paths
+        x = torch.randn(m, 64, requires_grad=True)
+        bias = torch.randn(16, requires_grad=True)
+        torch.library.opcheck(nf4_ops._nf4_matmul_op, (x, data, absmax, 64, [16, 64], bias, backend))
+        torch.library.opcheck(nf4_ops._nf4_matmul_op, (x, data, absmax, 64, [16, 64], None, backend))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_bad_quantize_inputs_name_the_argument():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        ops.nf4_quantize(w, blocksize=48)
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        ops.nf4_quantize(w, blocksize=64.0)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        ops.nf4_quantize(w.double())
+    with pytest.raises(TypeError, match="w must be a torch.Tensor"):
+        ops.nf4_quantize(w.numpy())
+    bad = w.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="w must be finite"):
+        ops.nf4_quantize(bad)
+    bad[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="w must be finite"):
+        ops.nf4_quantize(bad)
+    with pytest.raises(ValueError, match="w must have at least one element"):
+        ops.nf4_quantize(torch.empty(0, 64))
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        ops.nf4_quantize(w, double_quant=1)
+
+
+def test_bad_matmul_inputs_name_the_argument():
+    qw = ops.nf4_quantize(torch.randn(8, 64), blocksize=64)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="x must have last dimension K=64"):
+        ops.nf4_matmul(torch.randn(3, 65), qw)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.nf4_matmul(x.double(), qw)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.nf4_matmul(x.long(), qw)
+    with pytest.raises(TypeError, match="qw must be an NF4Weight"):
+        ops.nf4_matmul(x, torch.randn(8, 64))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.nf4_matmul(x, qw, torch.randn(9))
+    with pytest.raises(TypeError, match="bias must have dtype"):
+        ops.nf4_matmul(x, qw, torch.zeros(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="qw.data must hold 256 bytes"):
+        ops.nf4_matmul(x, dataclasses.replace(qw, data=qw.data[:-1]))
+    with pytest.raises(ValueError, match="qw.absmax must have 8 entries"):
+        ops.nf4_matmul(x, dataclasses.replace(qw, absmax=qw.absmax[:-1]))
+    with pytest.raises(TypeError, match="qw.data must have dtype"):
+        ops.nf4_matmul(x, dataclasses.replace(qw, data=qw.data.to(torch.int8)))
+    with pytest.raises(TypeError, match="qw.absmax must have dtype"):
+        ops.nf4_matmul(x, dataclasses.replace(qw, absmax=qw.absmax.half()))
+    with pytest.raises(ValueError, match="qw.blocksize must be one of"):
+        ops.nf4_matmul(x, dataclasses.replace(qw, blocksize=100))
+    with pytest.raises(ValueError, match="qw must be a 2-D weight"):
+        ops.nf4_matmul(x, ops.nf4_quantize(torch.randn(2, 4, 64)))
+    dq = ops.nf4_quantize(torch.randn(8, 64), blocksize=32, double_quant=True)
+    with pytest.raises(ValueError, match="qw.nested_absmax must have 1 entries"):
+        ops.nf4_matmul(x, dataclasses.replace(dq, nested_absmax=torch.zeros(2)))
+    with pytest.raises(TypeError, match="qw.absmax must have dtype"):
+        ops.nf4_matmul(x, dataclasses.replace(dq, absmax=dq.absmax.float()))
+    with pytest.raises(TypeError, match="qw must be an NF4Weight"):
+        ops.nf4_dequantize("weights")
