@@ -1,0 +1,315 @@
+"""Masked scaled-dot-product attention: causal, prefix-LM and bidirectional masks, key padding,
+additive bias, GQA/MQA, forward and backward, never materialising the N x N matrix in a kernel.
+
+Public API (DESIGN.md): :func:`attention`. The mask rules and numerics are documented in
+:mod:`fusedlm.reference.attention`, the ground truth.
+
+Backends: ``reference`` (plain PyTorch), ``cpu`` (``csrc/cpu/attention.cpp``: float32 and bfloat16)
+and ``triton`` (``kernels/attention.py``). Each returns the output and the per-row log-sum-exp
+(float32, -inf for rows that see no key); the backward recomputes the probabilities from it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..reference import attention as ref
+from . import _checks
+from ._backends import Dispatcher, cpu_module
+
+MAX_HEAD_DIM = 256
+_ATTENTION_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cpu_supports(dtype: torch.dtype, **facts) -> str | None:
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"the cpu kernel supports float32 and bfloat16, got {dtype}"
+    return None
+
+
+def _triton_supports(dtype: torch.dtype, **facts) -> str | None:
+    return None if dtype in _checks.FLOAT_DTYPES else f"the triton kernel does not support {dtype}"
+
+
+_forward = Dispatcher("attention")
+_backward = Dispatcher("attention")
+
+
+def _expanded_bias(bias, q, nk):
+    """bias as a float32 view broadcast to [B, Hq, Nq, Nk] (zero strides where it broadcasts)."""
+    if bias is None:
+        return None
+    b, hq, nq, _ = q.shape
+    return bias.to(torch.float32).expand(b, hq, nq, nk)
+
+
+def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sums the full [B, Hq, Nq, Nk] gradient over the dimensions bias was broadcast along."""
+    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i in range(4) if shape[i] == 1 and dbias.shape[i] != 1]
+    if dims:
+        dbias = dbias.sum(dim=dims, keepdim=True)
+    return dbias.reshape(bias.shape).to(bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward backends: (q, k, v, mode, prefix_len, key_padding_mask, bias, scale) -> (out, lse)
+# ---------------------------------------------------------------------------------------------
+@_forward.register("reference")
+def _forward_reference(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
+    out, lse = ref.attention_lse(q, k, v, mode, prefix_len, key_padding_mask, bias, scale)
+    return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    return list(t.stride())
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of D contiguous elements; any other strides are passed through."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cpu_mask_args(prefix_len, key_padding_mask):
+    prefix = 0 if prefix_len is None else prefix_len.contiguous().data_ptr()
+    pad = 0 if key_padding_mask is None else key_padding_mask.contiguous().data_ptr()
+    return prefix, pad
+
+
+@_forward.register("cpu", supports=_cpu_supports)
+def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    prefix_len = None if prefix_len is None else prefix_len.contiguous()
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    bias = _expanded_bias(bias, q, nk)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, nq), dtype=torch.float32)
+    cpu_module().attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _checks.DTYPE_CODES[q.dtype], b, hq, hkv, nq, nk, d,
+        _strides(q), _strides(k), _strides(v), mode, *_cpu_mask_args(prefix_len, key_padding_mask),
+        0 if bias is None else bias.data_ptr(), [0] * 4 if bias is None else _strides(bias), float(scale),
+        out.data_ptr(), lse.data_ptr(), _checks.num_threads(),
+    )
+    return out, lse
+
+
+@_forward.register("triton", supports=_triton_supports)
+def _forward_triton(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
+    from ..kernels import attention as kernels
+
+    out, lse = kernels.forward(q, k, v, mode, prefix_len, key_padding_mask, _expanded_bias(bias, q, k.shape[2]), scale)
+    return out, lse
+
+
+@torch.library.custom_op("fusedlm::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: int, prefix_len: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(backend, q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward backends: -> (dq, dk, dv, dbias [B, Hq, Nq, Nk] or an empty tensor)
+# ---------------------------------------------------------------------------------------------
+@_backward.register("reference")
+def _backward_reference(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, bias_grad):
+    dq, dk, dv, ds = ref.attention_backward(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale)
+    return dq, dk, dv, ds if bias_grad else q.new_empty(0)
+
+
+# The CPU backward runs one task per (batch, key/value head, split of the key range); each split
+# accumulates dq in its own float32 buffer (summed afterwards). Splits are only added when there
+# are fewer (batch, head) pairs than about twice the thread count.
+def _cpu_splits(b: int, hkv: int, nk: int, threads: int, key_tile: int = 128) -> int:
+    tiles = -(-nk // key_tile)
+    return max(1, min(tiles, -(-2 * threads // (b * hkv))))
+
+
+@_backward.register("cpu", supports=_cpu_supports)
+def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, bias_grad):
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    threads = _checks.num_threads()
+    splits = _cpu_splits(b, hkv, nk, threads)
+    dp = -(-d // 16) * 16
+    prefix_len = None if prefix_len is None else prefix_len.contiguous()
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    bias32 = _expanded_bias(bias, q, nk)
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    dq = torch.zeros((splits, b, hq, nq, dp), dtype=torch.float32)
+    dk = torch.empty((b, hkv, nk, d), dtype=torch.float32)
+    dv = torch.empty((b, hkv, nk, d), dtype=torch.float32)
+    dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32) if bias_grad else None
+    cpu_module().attention_backward(
+        grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        _checks.DTYPE_CODES[q.dtype], b, hq, hkv, nq, nk, d, _strides(q), _strides(k), _strides(v), mode,
+        *_cpu_mask_args(prefix_len, key_padding_mask), 0 if bias32 is None else bias32.data_ptr(),
+        [0] * 4 if bias32 is None else _strides(bias32), float(scale),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if dbias is None else dbias.data_ptr(), splits, threads,
+    )
+    dq = dq.sum(0) if splits > 1 else dq[0]
+    return dq[..., :d].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias if bias_grad else q.new_empty(0)
+
+
+@_backward.register("triton", supports=_triton_supports)
+def _backward_triton(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, bias_grad):
+    from ..kernels import attention as kernels
+
+    dq, dk, dv, dbias = kernels.backward(
+        grad_out.contiguous(), q, k, v, out, lse, mode, prefix_len, key_padding_mask,
+        _expanded_bias(bias, q, k.shape[2]), scale,
+    )
+    if not bias_grad or dbias is None:
+        dbias = q.new_empty(0)
+    return dq, dk, dv, dbias
+
+
+@torch.library.custom_op("fusedlm::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    mask_mode: int, prefix_len: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+    bias: torch.Tensor | None, scale: float, bias_grad: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dbias = _backward(
+        backend, grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, bias_grad
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, bias_grad, backend):
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    dbias = q.new_empty((b, hq, nq, nk), dtype=_lse_dtype(q.dtype)) if bias_grad else q.new_empty(0)
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
+            torch.empty_like(v, memory_format=c), dbias)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, prefix_len, key_padding_mask, bias)
+    ctx.meta = (mask_mode, scale, backend)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    # lse is an internal output (the public op returns only `out`): its gradient is ignored.
+    q, k, v, out, lse, prefix_len, key_padding_mask, bias = ctx.saved_tensors
+    mask_mode, scale, backend = ctx.meta
+    bias_grad = bias is not None and ctx.needs_input_grad[6]
+    dq, dk, dv, dbias = _attention_backward_op(
+        grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, bias_grad, backend
+    )
+    grad_bias = _reduce_bias_grad(dbias, bias) if bias_grad else None
+    return dq, dk, dv, None, None, None, grad_bias, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def _check_prefix_len(prefix_len, mask: str, b: int, nk: int, device: torch.device) -> torch.Tensor | None:
+    """prefix_len (int or integer tensor [B]) checked and normalised to int64 [B], or None."""
+    if mask != "prefix":
+        if prefix_len is not None:
+            raise ValueError(f"prefix_len is only used with mask='prefix', got mask={mask!r}")
+        return None
+    if prefix_len is None:
+        raise ValueError("mask='prefix' needs prefix_len (an int or a LongTensor [B])")
+    if isinstance(prefix_len, torch.Tensor):
+        if prefix_len.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"prefix_len must be an integer tensor, got dtype {prefix_len.dtype}")
+        if prefix_len.dim() == 0:
+            prefix_len = prefix_len.expand(b)
+        _checks.shape("prefix_len", prefix_len, (b,))
+        if prefix_len.device != device:
+            raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {device}; move them to one device")
+        low, high = int(prefix_len.min()), int(prefix_len.max())
+        if low < 0 or high > nk:
+            raise ValueError(f"prefix_len must be in [0, Nk={nk}], got values in [{low}, {high}]")
+        return prefix_len.to(torch.int64).contiguous()
+    _checks.integer("prefix_len", prefix_len, low=0, high=nk)
+    return torch.full((b,), prefix_len, dtype=torch.int64, device=device)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: str = "causal",
+    prefix_len: int | torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Masked scaled-dot-product attention, ``softmax(scale * q k^T + bias + mask) v``.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (GQA/MQA: query
+            head h reads key/value head ``h // (Hq // Hkv)``, nothing is copied); ``D <= 256``;
+            float32, bfloat16 or float16 (float64 on the reference backend), all one dtype and device.
+        mask: ``"causal"`` (query i sees key j when ``j <= i + Nk - Nq``, aligned bottom-right),
+            ``"prefix"`` (keys ``j < prefix_len`` visible to every query, the rest causal) or
+            ``"bidirectional"``.
+        prefix_len: for ``mask="prefix"`` only: an int or an integer tensor ``[B]``, each in ``[0, Nk]``.
+        key_padding_mask: bool ``[B, Nk]``, True where the key is a real token.
+        bias: additive float scores broadcastable to ``[B, Hq, Nq, Nk]`` (T5 relative position
+            bias, ALiBi); differentiable.
+        scale: multiplies ``q k^T``; defaults to ``1 / sqrt(D)``.
+
+    Returns ``[B, Hq, Nq, D]`` in q's dtype. Accumulation is float32 for bfloat16/float16. A query
+    row that sees no key (or whose visible scores are all -inf) returns zeros and zero gradients.
+    """
+    _checks.tensor("q", q, dtypes=_ATTENTION_DTYPES, ndim=4)
+    _checks.tensor("k", k, dtypes=_ATTENTION_DTYPES, ndim=4)
+    _checks.tensor("v", v, dtypes=_ATTENTION_DTYPES, ndim=4)
+    _checks.same_dtype(q=q, k=k, v=v)
+    device = _checks.same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, bias=bias)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if min(b, hq, nq, d, hkv, nk) < 1:
+        raise ValueError(f"q and k must have non-empty dimensions, got q {list(q.shape)} and k {list(k.shape)}")
+    _checks.shape("k", k, (b, None, None, d))
+    _checks.shape("v", v, tuple(k.shape))
+    if hq % hkv != 0:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be <= {MAX_HEAD_DIM}, got {d}")
+    if not isinstance(mask, str):
+        raise TypeError(f"mask must be a str, got {type(mask).__name__}")
+    if mask not in ref.MASK_MODES:
+        raise ValueError(f"mask must be one of {tuple(ref.MASK_MODES)}, got {mask!r}")
+    prefix = _check_prefix_len(prefix_len, mask, b, nk, device)
+    if key_padding_mask is not None:
+        _checks.tensor("key_padding_mask", key_padding_mask, dtypes=[torch.bool], ndim=2)
+        _checks.shape("key_padding_mask", key_padding_mask, (b, nk))
+    if bias is not None:
+        _checks.tensor("bias", bias, dtypes=_ATTENTION_DTYPES)
+        target = (b, hq, nq, nk)
+        if bias.dim() > 4 or any(s not in (1, t) for s, t in zip(reversed(bias.shape), reversed(target))):
+            raise ValueError(f"bias must be broadcastable to [B, Hq, Nq, Nk] = {list(target)}, got {list(bias.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    backend = _forward.choose(device, dtype=q.dtype, head_dim=d)
+    out, _ = _attention_op(q, k, v, ref.MASK_MODES[mask], prefix, key_padding_mask, bias, float(scale), backend)
+    return out

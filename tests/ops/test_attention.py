@@ -1,0 +1,337 @@
+"""ops.attention: every backend against the reference (outputs and gradients), its autograd and
+torch.library wiring, the edge cases of DESIGN.md rule 3, and argument checks."""
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusedlm import ops
+from fusedlm.ops import _backends
+from fusedlm.reference import attention as ref
+
+attention_module = importlib.import_module("fusedlm.ops.attention")  # ops.attention is the function
+
+HAS_CPU = "cpu" in ops.available_backends()
+TOL = {  # (atol, rtol) for the output and for the gradients
+    torch.float32: ((2e-5, 1e-4), (1e-4, 1e-3)),
+    torch.bfloat16: ((2e-2, 2e-2), (6e-2, 3e-2)),
+}
+
+
+def _inputs(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def _bias(kind, b, hq, nq, nk, seed=1):
+    shapes = {None: None, "full": (b, hq, nq, nk), "heads": (1, hq, nq, nk), "batch": (b, 1, nq, nk),
+              "keys": (nk,), "3d": (hq, nq, nk)}
+    shape = shapes[kind]
+    return None if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(backend, q, k, v, grad_out=None, **kw):
+    """Output and gradients (q, k, v, bias) of ops.attention on `backend`, on fresh leaves."""
+    q, k, v = (t.detach().clone().requires_grad_(grad_out is not None) for t in (q, k, v))
+    bias = kw.pop("bias", None)
+    if bias is not None:
+        bias = bias.detach().clone().requires_grad_(grad_out is not None)
+    with ops.use_backend(backend):
+        out = ops.attention(q, k, v, bias=bias, **kw)
+    if grad_out is None:
+        return out, ()
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+def _check_backend(backend, q, k, v, *, grads=True, **kw):
+    dtype = q.dtype
+    (atol, rtol), (gatol, grtol) = TOL[dtype]
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(dtype) if grads else None
+    out, got = _run(backend, q, k, v, grad_out, **dict(kw))
+    want_out, want = _run("reference", q, k, v, grad_out, **dict(kw))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        assert torch.isfinite(g).all(), name
+        scale = max(1.0, float(w.float().abs().max()))  # gradients grow with N: compare relative to their size
+        torch.testing.assert_close(g.float(), w.float(), atol=gatol * scale, rtol=grtol, msg=lambda m: f"{name}: {m}")
+
+
+# (B, Hq, Hkv, Nq, Nk, D, mask, prefix_len, padding, bias): a sample of the cross product of the
+# issue's grid (Nq in {1, 17, 128}, Nk in {1, 33, 257}, D in {16, 64, 80, 128}, Hq/Hkv in {1, 4, 8})
+# in which every value and every feature appears, several together.
+CASES = [
+    (2, 4, 4, 17, 33, 16, "causal", None, None, None),
+    (1, 8, 1, 128, 257, 64, "prefix", "rows", "random", None),
+    (2, 4, 1, 1, 257, 80, "causal", None, "random", None),
+    (2, 8, 1, 128, 33, 128, "bidirectional", None, None, "heads"),
+    (2, 4, 4, 17, 1, 64, "causal", None, None, None),  # Nq > Nk: the first 16 queries see nothing
+    (2, 4, 4, 128, 257, 80, "prefix", 100, None, "batch"),
+    (1, 4, 4, 17, 257, 128, "bidirectional", None, "random", "keys"),
+    (2, 8, 2, 1, 1, 16, "bidirectional", None, None, "3d"),
+    (2, 4, 1, 128, 128, 16, "prefix", "rows", "one-empty", "full"),  # batch 0: every key is padding
+    (1, 8, 8, 128, 33, 64, "causal", None, None, None),  # Nq > Nk, several tiles of fully hidden rows
+]
+
+
+def _case_kwargs(case):
+    b, hq, hkv, nq, nk, d, mask, prefix, padding, bias = case
+    kw = {"mask": mask, "bias": _bias(bias, b, hq, nq, nk)}
+    if prefix == "rows":
+        kw["prefix_len"] = torch.linspace(0, nk, b).round().long()  # per-row, includes 0 and Nk
+    elif prefix is not None:
+        kw["prefix_len"] = prefix
+    if padding is not None:
+        pad = torch.rand(b, nk, generator=torch.Generator().manual_seed(3)) > 0.25
+        if padding == "one-empty":
+            pad[0] = False
+        kw["key_padding_mask"] = pad
+    return kw
+
+
+@pytest.fixture(params=["native", "scalar"])
+def cpu_isa(request):
+    """Runs the cpu backend on the best SIMD path this CPU has, and on the scalar path."""
+    if not HAS_CPU:
+        pytest.skip("fusedlm._C is not built")
+    with _backends.cpu_isa_limit("scalar" if request.param == "scalar" else "avx512_bf16") as isa:
+        yield isa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_cpu_matches_reference(cpu_isa, case, dtype):
+    q, k, v = _inputs(*case[:6], dtype=dtype)
+    _check_backend("cpu", q, k, v, **_case_kwargs(case))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), hkv=st.integers(1, 2), nq=st.integers(1, 70),
+    nk=st.integers(1, 140), d=st.sampled_from([1, 8, 17, 32, 80]), mask=st.sampled_from(list(ref.MASK_MODES)),
+    pad=st.booleans(), bias=st.sampled_from([None, "heads", "batch"]), seed=st.integers(0, 1000),
+)
+def test_cpu_matches_reference_random(b, group, hkv, nq, nk, d, mask, pad, bias, seed):
+    if not HAS_CPU:
+        pytest.skip("fusedlm._C is not built")
+    q, k, v = _inputs(b, hkv * group, hkv, nq, nk, d, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    kw = {"mask": mask, "bias": _bias(bias, b, hkv * group, nq, nk, seed)}
+    if mask == "prefix":
+        kw["prefix_len"] = torch.randint(0, nk + 1, (b,), generator=g)
+    if pad:
+        kw["key_padding_mask"] = torch.rand(b, nk, generator=g) > 0.3
+    _check_backend("cpu", q, k, v, **kw)
+
+
+def test_cpu_fully_masked_rows_are_zero_with_zero_grads(cpu_isa):
+    q, k, v = _inputs(2, 2, 1, 5, 3, 16)
+    pad = torch.tensor([[False, False, False], [True, True, True]])
+    bias = torch.zeros(1, 1, 5, 3)
+    bias[..., 4, :] = float("-inf")  # the last query: every visible score is -inf
+    grad_out = torch.ones_like(q)
+    out, (dq, dk, dv, db) = _run("cpu", q, k, v, grad_out, mask="causal", key_padding_mask=pad, bias=bias)
+    # Nq=5 > Nk=3: queries 0 and 1 see nothing causally; batch 0 sees nothing at all
+    assert (out[0] == 0).all() and (out[1, :, :2] == 0).all() and (out[1, :, 4] == 0).all()
+    assert (dq[0] == 0).all() and (dq[1, :, :2] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    for t in (out, dq, dk, dv, db):
+        assert torch.isfinite(t).all()
+    _check_backend("cpu", q, k, v, mask="causal", key_padding_mask=pad, bias=bias)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, 2.5])
+def test_cpu_any_scale(cpu_isa, scale):
+    q, k, v = _inputs(1, 2, 2, 9, 140, 16)
+    pad = torch.ones(1, 140, dtype=torch.bool)
+    pad[0, 5] = False
+    _check_backend("cpu", q, k, v, mask="prefix", prefix_len=70, key_padding_mask=pad, scale=scale)
+
+
+def test_cpu_strided_inputs(cpu_isa):
+    # [B, N, H, D] memory viewed as [B, H, N, D] (the layout of a fused QKV projection), and a
+    # k whose last dimension is not contiguous.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 70, 4, 16, generator=g).transpose(1, 2)
+    k = torch.randn(2, 2, 16, 130, generator=g).transpose(2, 3)
+    v = torch.randn(2, 130, 2, 16, generator=g).transpose(1, 2)
+    _check_backend("cpu", q, k, v, mask="causal")
+
+
+def test_cpu_threads_do_not_change_results():
+    if not HAS_CPU:
+        pytest.skip("fusedlm._C is not built")
+    q, k, v = _inputs(1, 8, 2, 200, 300, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, g1 = _run("cpu", q, k, v, torch.ones_like(q), mask="prefix", prefix_len=50)
+        torch.set_num_threads(2)
+        two, g2 = _run("cpu", q, k, v, torch.ones_like(q), mask="prefix", prefix_len=50)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, atol=0, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # dq splits may sum in another order
+
+
+def test_auto_choice_uses_cpu_and_float16_falls_back_with_a_warning():
+    if not HAS_CPU:
+        pytest.skip("fusedlm._C is not built")
+    q, k, v = _inputs(1, 2, 2, 4, 4, 8)
+    assert attention_module._forward.choose(q.device, dtype=q.dtype, head_dim=8) == "cpu"
+    assert attention_module._forward.choose(q.device, dtype=torch.bfloat16, head_dim=8) == "cpu"
+    with pytest.raises(RuntimeError, match="cpu kernel supports float32 and bfloat16"):
+        with ops.use_backend("cpu"):
+            ops.attention(q.half(), k.half(), v.half())
+
+
+# ---- torch.library wiring -------------------------------------------------------------------
+
+def _op_args(backend, dtype=torch.float32, bias=True, mode=ref.PREFIX):
+    q, k, v = (t.requires_grad_(True) for t in _inputs(2, 4, 2, 9, 70, 16, dtype=dtype))
+    prefix = torch.tensor([3, 70]) if mode == ref.PREFIX else None
+    pad = torch.rand(2, 70, generator=torch.Generator().manual_seed(0)) > 0.2
+    b = torch.randn(1, 4, 9, 70, dtype=dtype, requires_grad=True) if bias else None
+    return (q, k, v, mode, prefix, pad, b, 0.25, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mode", [ref.CAUSAL, ref.PREFIX])
+def test_opcheck(backend, mode):
+    if backend not in ops.available_backends():
+        pytest.skip(f"{backend} not available")
+    torch.library.opcheck(attention_module._attention_op, _op_args(backend, mode=mode))
+    torch.library.opcheck(attention_module._attention_op, _op_args(backend, bias=False, mode=mode))
+
+
+@pytest.mark.parametrize("mask", list(ref.MASK_MODES))
+def test_gradcheck_float64(mask):
+    # The registered backward (recomputation from the saved lse, written out in
+    # reference.attention_backward and mirrored by the kernels) against finite differences.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 1, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = torch.tensor([[True] * 6, [True, False] * 3])
+    kw = {"mask": mask, "key_padding_mask": pad}
+    if mask == "prefix":
+        kw["prefix_len"] = torch.tensor([0, 4])
+
+    def f(q, k, v, bias):
+        return ops.attention(q, k, v, bias=bias, **kw)
+
+    with ops.use_backend("reference"):
+        assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+def test_compile():
+    # The argument checks and backend choice graph-break (the backend context variable is not
+    # traceable); the custom op itself is captured.
+    q, k, v = _inputs(1, 2, 2, 9, 9, 16)
+    f = torch.compile(lambda q, k, v: ops.attention(q, k, v, mask="prefix", prefix_len=3))
+    torch.testing.assert_close(f(q, k, v), ref.attention(q, k, v, ref.PREFIX, 3), atol=2e-5, rtol=1e-4)
+
+
+# ---- argument checks --------------------------------------------------------------------------
+
+def _bad(**changes):
+    q, k, v = _inputs(2, 4, 2, 5, 6, 8)
+    args = {"q": q, "k": k, "v": v}
+    args.update(changes)
+    return args
+
+
+BAD = [
+    (dict(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), ValueError, "multiple of the number of key/value heads"),
+    (dict(mask="prefix", prefix_len=-1), ValueError, "prefix_len"),
+    (dict(mask="prefix", prefix_len=7), ValueError, "prefix_len"),
+    (dict(mask="prefix", prefix_len=torch.tensor([0, 7])), ValueError, "prefix_len"),
+    (dict(mask="prefix", prefix_len=torch.tensor([1, 2, 3])), ValueError, "prefix_len"),
+    (dict(mask="prefix", prefix_len=torch.tensor([1.0, 2.0])), TypeError, "prefix_len"),
+    (dict(mask="prefix"), ValueError, "prefix_len"),
+    (dict(mask="causal", prefix_len=2), ValueError, "prefix_len"),
+    (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask"),
+    (dict(key_padding_mask=torch.ones(2, 6)), TypeError, "key_padding_mask"),
+    (dict(k=torch.randn(2, 2, 6, 8, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(q=torch.randn(2, 4, 5, 8).bfloat16()), TypeError, "dtype"),
+    (dict(q=torch.randn(2, 4, 5, 300), k=torch.randn(2, 2, 6, 300), v=torch.randn(2, 2, 6, 300)), ValueError, "<= 256"),
+    (dict(q=torch.randn(4, 5, 8)), ValueError, "q must have 4 dimensions"),
+    (dict(v=torch.randn(2, 2, 7, 8)), ValueError, "v must have shape"),
+    (dict(k=torch.randn(2, 2, 6, 4)), ValueError, "k must have shape"),
+    (dict(q=torch.randn(2, 4, 5, 8, dtype=torch.float64).long()), TypeError, "q must have dtype"),
+    (dict(mask="sliding"), ValueError, "mask must be one of"),
+    (dict(mask=0), TypeError, "mask must be a str"),
+    (dict(bias=torch.randn(3, 4, 5, 6)), ValueError, "bias must be broadcastable"),
+    (dict(bias=torch.randn(5, 7)), ValueError, "bias must be broadcastable"),
+    (dict(bias=torch.ones(2, 4, 5, 6, dtype=torch.long)), TypeError, "bias"),
+    (dict(scale="x"), TypeError, "scale"),
+    (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("changes,error,match", BAD, ids=[m + str(i) for i, (_, _, m) in enumerate(BAD)])
+def test_bad_inputs(changes, error, match):
+    args = _bad(**changes)
+    with pytest.raises(error, match=match):
+        ops.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mismatched_devices():
+    q, k, v = _inputs(1, 2, 2, 3, 3, 8)
+    with pytest.raises(ValueError, match="device"):
+        ops.attention(q.cuda(), k, v)
+
+
+def test_mismatched_device_of_padding_mask():
+    q, k, v = _inputs(1, 2, 2, 3, 3, 8)
+    pad = torch.ones(1, 3, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="key_padding_mask is on meta"):
+        ops.attention(q, k, v, key_padding_mask=pad)
+
+
+# ---- triton (interpreter on the CPU) ---------------------------------------------------------
+
+def _triton_kernels():
+    kernels = pytest.importorskip("fusedlm.kernels.attention")
+    if not hasattr(kernels, "forward") or not hasattr(kernels, "backward"):
+        pytest.skip("kernels/attention.py has no forward/backward yet")
+    if not torch.cuda.is_available() and not _backends.triton_interpreting():
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    return kernels
+
+
+TRITON_CASES = [
+    (1, 2, 2, 5, 9, 16, "causal", None, None, None),
+    (2, 4, 1, 17, 9, 16, "prefix", "rows", "random", None),
+    (1, 4, 2, 1, 33, 32, "bidirectional", None, "random", "heads"),
+    (2, 2, 2, 9, 4, 8, "causal", None, None, "batch"),  # Nq > Nk: fully masked rows
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_triton_matches_reference(case):
+    _triton_kernels()
+    q, k, v = _inputs(*case[:6])
+    _check_backend("triton", q, k, v, **_case_kwargs(case))
+
+
+@pytest.mark.triton
+def test_triton_opcheck():
+    _triton_kernels()
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 5, 9, 16))
+    bias = torch.randn(1, 2, 5, 9, requires_grad=True)
+    pad = torch.tensor([[True] * 8 + [False]])
+    torch.library.opcheck(attention_module._attention_op, (q, k, v, ref.PREFIX, torch.tensor([3]), pad, bias, 0.25, "triton"))
