@@ -1,0 +1,1 @@
+"""Interoperability with other libraries: Hugging Face checkpoints in and out (:mod:`.hf`)."""

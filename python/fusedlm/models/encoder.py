@@ -1,0 +1,56 @@
+"""EncoderLM: a bidirectional encoder (BERT, RoBERTa) with an MLM head, a sequence classification
+head, or no head (hidden states and the pooled first token).
+
+    model = EncoderLM(get_config("bert-tiny"))
+    out = model(ids, attention_mask=mask)          # out.logits (B, N, V), out.last_hidden_state (B, N, d)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import ModelOutput, Stack, check_ids, check_mask, lm_loss
+
+
+class EncoderLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "encoder":
+            raise ValueError(f"EncoderLM needs arch='encoder', got {config.arch!r}")
+        self.config = config
+        d = config.d_model
+        self.tok_embed = nn.Embedding(config.vocab_size, d)
+        self.encoder = Stack(config, config.n_layers, causal=False)
+        if config.head == "lm":  # dense -> gelu -> LayerNorm -> decoder (tied) + bias
+            self.mlm_dense = nn.Linear(d, d)
+            self.mlm_norm = nn.LayerNorm(d, eps=config.norm_eps)
+            self.mlm_decoder = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+            self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.pooler = nn.Linear(d, d) if config.pooler else None
+        self.classifier = nn.Linear(d, config.n_labels) if config.head == "classifier" else None
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> ModelOutput:
+        """labels: (B, N) token ids for the MLM head (-100 ignored), (B,) classes for the classifier."""
+        cfg = self.config
+        check_ids("input_ids", input_ids, cfg.vocab_size)
+        mask = check_mask("attention_mask", attention_mask, input_ids)
+        if token_type_ids is not None:
+            check_ids("token_type_ids", token_type_ids, max(cfg.type_vocab_size, 1))
+        x = self.tok_embed(input_ids) * cfg.embed_scale  # (B, N, d)
+        h, hidden = self.encoder(x, mask, attn_mask="bidirectional", token_type_ids=token_type_ids)
+        pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
+        logits, loss = None, None
+        if cfg.head == "lm":
+            t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
+            weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
+            logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
+            loss = lm_loss(logits, labels, shift=False)
+        elif cfg.head == "classifier":
+            logits = self.classifier(pooled)  # (B, n_labels)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return ModelOutput(logits=logits, last_hidden_state=h, loss=loss, pooled=pooled,
+                           hidden_states=hidden if output_hidden_states else None)

@@ -1,0 +1,98 @@
+"""Seq2SeqLM: an encoder-decoder (T5, BART): bidirectional encoder, causal decoder with
+cross-attention, LM head over the shared token embedding.
+
+    model = Seq2SeqLM(get_config("t5-tiny"))
+    out = model(src, attention_mask=src_mask, labels=tgt)      # decoder inputs = labels shifted right
+    ids = model.generate(src, max_new_tokens=20, attention_mask=src_mask)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import KVCache, ModelOutput, Stack, check_ids, check_mask, lm_loss
+
+
+class Seq2SeqLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "encoder-decoder":
+            raise ValueError(f"Seq2SeqLM needs arch='encoder-decoder', got {config.arch!r}")
+        self.config = config
+        self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, config.n_layers, causal=False)
+        self.decoder = Stack(config, config.n_decoder_layers, causal=True, cross=True)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.final_logits_bias:
+            self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M) source ids -> (B, M, d) encoder output."""
+        check_ids("input_ids", input_ids, self.config.vocab_size)
+        mask = check_mask("attention_mask", attention_mask, input_ids)
+        x = self.tok_embed(input_ids) * self.config.embed_scale
+        return self.encoder(x, mask, attn_mask="bidirectional")[0]
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for teacher forcing: decoder_start_token_id, then labels[:, :-1] (-100 -> pad)."""
+        start = self.config.decoder_start_token_id
+        shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.tok_embed.weight
+        return KVCache(self.config, self.config.n_decoder_layers, batch, max_len, dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, encoder_out: torch.Tensor | None = None,
+                cache: KVCache | None = None, output_hidden_states: bool = False) -> ModelOutput:
+        """Either input_ids (encoded here) or encoder_out (B, M, d) from :meth:`encode`; attention_mask
+        (B, M) is the source's. decoder_input_ids default to labels shifted right."""
+        cfg = self.config
+        if encoder_out is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or encoder_out")
+            encoder_out = self.encode(input_ids, attention_mask)  # (B, M, d)
+        memory_mask = None if attention_mask is None else attention_mask.bool()
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size)
+        mask = check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        x = self.tok_embed(decoder_input_ids) * cfg.embed_scale  # (B, N, d)
+        h, hidden = self.decoder(x, mask, attn_mask="causal", cache=cache, memory=encoder_out, memory_mask=memory_mask)
+        if cfg.rescale_tied_head:
+            h = h * cfg.d_model**-0.5
+        logits = F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, N, V)
+        if cfg.final_logits_bias:
+            logits = logits + self.final_logits_bias
+        return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=False),
+                           hidden_states=hidden if output_hidden_states else None, encoder_last_hidden_state=encoder_out)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding: (B, M) source -> (B, 1 + up to max_new_tokens) target ids, starting
+        with decoder_start_token_id; rows after eos_token_id get pad_token_id (default: config's)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        b = input_ids.shape[0]
+        memory = self.encode(input_ids, attention_mask)
+        cache = self.new_cache(b, 1 + max_new_tokens)
+        tokens = [torch.full((b, 1), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)]
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(decoder_input_ids=tokens[-1], attention_mask=attention_mask, encoder_out=memory, cache=cache).logits
+            next_id = logits[:, -1].argmax(-1)  # (B,)
+            if eos_token_id is not None:
+                next_id = torch.where(done, pad_token_id, next_id)
+                done |= next_id == eos_token_id
+            tokens.append(next_id[:, None])
+            if bool(done.all()):
+                break
+        return torch.cat(tokens, dim=1)

@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
+
+
+def _model(name, **kw):
+    torch.manual_seed(0)
+    model = DecoderLM(get_config(name, **kw)).eval()
+    with torch.no_grad():  # non-trivial norms
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _batch(b=3, n=9, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1 % b, :3] = False  # left padding
+    mask[2 % b, :1] = False
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "qwen2-tiny"])
+def test_incremental_decoding_equals_full_forward(name):
+    model = _model(name)
+    ids, mask = _batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = model.new_cache(3, ids.shape[1])
+        steps = [model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits]
+        for i in range(5, ids.shape[1]):
+            steps.append(model(ids[:, i : i + 1], cache=cache).logits)
+    inc = torch.cat(steps, dim=1)
+    torch.testing.assert_close(inc[mask], full[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_lm_per_row_prompt_lengths():
+    model = _model("llama-tiny", mask="prefix")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    prefix = torch.tensor([3, 6])
+    with torch.no_grad():
+        out = model(ids, prefix_len=prefix).logits
+        # a token inside the prefix sees later prefix tokens: changing token 2 changes position 0
+        ids2 = ids.clone()
+        ids2[:, 2] = (ids2[:, 2] + 1) % 128
+        out2 = model(ids2, prefix_len=prefix).logits
+        assert (out2[:, 0] - out[:, 0]).abs().max() > 1e-4
+        # ... but not tokens after the prefix: changing token 6 leaves positions < 6 alone in row 1
+        ids3 = ids.clone()
+        ids3[:, 6] = (ids3[:, 6] + 1) % 128
+        out3 = model(ids3, prefix_len=prefix).logits
+        torch.testing.assert_close(out3[1, :6], out[1, :6])
+        assert (out3[0, 4] - out[0, 4]).abs().max() == 0  # row 0: causal after 3, token 4 < 6
+        # causal rows equal the causal model when prefix_len is 0 or 1
+        causal = model(ids, prefix_len=torch.tensor([1, 0])).logits
+        model.config.mask = "causal"
+        torch.testing.assert_close(causal, model(ids).logits)
+        model.config.mask = "prefix"
+        # decoding after the prefix with the cache equals the full forward
+        cache = model.new_cache(2, 8)
+        steps = [model(ids[:, :6], prefix_len=prefix, cache=cache).logits]
+        steps += [model(ids[:, i : i + 1], prefix_len=prefix, cache=cache).logits for i in (6, 7)]
+    torch.testing.assert_close(torch.cat(steps, 1), out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix_len"):
+        model(ids)
+
+
+def test_generate_uses_the_cache_consistently():
+    model = _model("llama-tiny")
+    ids, mask = _batch(n=5)
+    out = model.generate(ids, 6, attention_mask=mask)
+    assert out.shape == (3, 11)
+    # greedy without a cache: re-run the whole sequence each step
+    seq = ids
+    full_mask = mask
+    for _ in range(6):
+        with torch.no_grad():
+            nxt = model(seq, attention_mask=full_mask).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+        full_mask = torch.cat([full_mask, torch.ones(3, 1, dtype=torch.bool)], 1)
+    torch.testing.assert_close(out, seq)
+
+
+def test_loss_ignores_minus_100():
+    model = _model("gpt2-tiny")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, 2:-1].reshape(-1, 128)
+    expected = torch.nn.functional.cross_entropy(logits, ids[:, 3:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()  # the attention op is differentiable
+    assert model.tok_embed.weight.grad is not None
+
+
+def test_hidden_states():
+    model = _model("llama-tiny")
+    ids, _ = _batch()
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.n_layers + 1
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_bad_inputs():
+    model = _model("gpt2-tiny")  # vocab 128, 64 positions
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[1, 128]]))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+    cache = model.new_cache(1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="arch"):
+        DecoderLM(get_config("bert-tiny"))
+    with pytest.raises(ValueError, match="arch"):
+        EncoderLM(get_config("gpt2-tiny"))
+    with pytest.raises(ValueError, match="arch"):
+        Seq2SeqLM(get_config("gpt2-tiny"))
+
+
+def test_sinusoidal_positions_and_bf16():
+    model = _model("llama-tiny", positions="sinusoidal").to(torch.bfloat16)
+    ids, mask = _batch()
+    out = model(ids, attention_mask=mask).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_last_logits_only():
+    model = _model("qwen2-tiny")
+    ids, mask = _batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        last = model(ids, attention_mask=mask, last_logits_only=True).logits
+    assert last.shape == (3, 1, 128)
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="last_logits_only"):
+        model(ids, labels=ids, last_logits_only=True)
