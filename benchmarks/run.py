@@ -17,7 +17,11 @@ from . import _harness
 
 # suite name -> module in this package exposing run(full: bool) -> list[Row]
 SUITES = {
+    "lora": "bench_lora",
+    "attention": "bench_attention",
     "nf4": "bench_nf4",
+    "sampling": "bench_sampling",
+    "models": "bench_models",
 }
 
 

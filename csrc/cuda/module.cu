@@ -46,4 +46,23 @@ PYBIND11_MODULE(_cuda, m) {
                                         ptr<const float>(code), ptr<void>(out), dtype(out_dtype), stream),
           "nf4_dequantize");
   });
+  m.def("nf4_gemv", [](uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm, uintptr_t data,
+                       uintptr_t absmax, int64_t blocksize, int64_t N, uintptr_t code, uintptr_t bias, uintptr_t out,
+                       int out_dtype, uintptr_t stream) {
+    if (out_dtype != x_dtype) throw py::value_error("nf4_gemv writes x's dtype");
+    check(fusedlm::cuda::nf4_gemv(ptr<const void>(x), dtype(x_dtype), M, K, stride_xm, ptr<const uint8_t>(data),
+                                  ptr<const float>(absmax), blocksize, N, ptr<const float>(code), ptr<const float>(bias),
+                                  ptr<void>(out), stream),
+          "nf4_gemv");
+  });
+
+  // ---- sampling ----
+  m.def("sampling_run", [](uintptr_t logits, int logits_dtype, int64_t B, int64_t V, int64_t stride_row,
+                           uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uint64_t seed, uintptr_t tokens,
+                           uintptr_t filtered, uintptr_t status, uintptr_t stream) {
+    check(fusedlm::cuda::sampling_run(ptr<const void>(logits), dtype(logits_dtype), B, V, stride_row,
+                                      ptr<const float>(temperature), ptr<const int64_t>(top_k), ptr<const double>(top_p),
+                                      seed, ptr<int64_t>(tokens), ptr<float>(filtered), ptr<int32_t>(status), stream),
+          "sampling_run");
+  });
 }

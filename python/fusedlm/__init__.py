@@ -7,7 +7,9 @@
 """
 from . import ops
 from .ops import NF4Weight
+from .nn import NF4Linear
+from . import models
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "NF4Weight", "__version__"]
+__all__ = ["ops", "NF4Weight", "NF4Linear", "__version__"]

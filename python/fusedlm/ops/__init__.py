@@ -2,13 +2,20 @@
 calls a ``torch.library`` custom op in the ``fusedlm`` namespace, so it works with autograd,
 ``torch.compile`` and ``torch.library.opcheck``."""
 from ._backends import available_backends, use_backend
+from .attention import attention
+from .lora import lora_linear
 from .nf4 import NF4Weight, nf4_dequantize, nf4_matmul, nf4_quantize
+from .sampling import filter_logits, sample
 
 __all__ = [
     "available_backends",
     "use_backend",
+    "attention",
+    "lora_linear",
     "NF4Weight",
     "nf4_quantize",
     "nf4_dequantize",
     "nf4_matmul",
+    "sample",
+    "filter_logits",
 ]
