@@ -17,8 +17,8 @@ from . import _harness
 
 # suite name -> module in this package exposing run(full: bool) -> list[Row]
 SUITES = {
-    "lora": "bench_lora",
     "attention": "bench_attention",
+    "lora": "bench_lora",
     "nf4": "bench_nf4",
     "sampling": "bench_sampling",
     "models": "bench_models",
