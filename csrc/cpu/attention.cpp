@@ -27,6 +27,10 @@
 // forward keeps bf16 tiles (pairs interleaved for vdpbf16ps) and accumulates in float32; the
 // backward always computes in float32. GQA: query head h reads key/value head h / (Hq / Hkv),
 // nothing is copied.
+//
+// Decode (Nq * group <= kDecodeRows, e.g. one new token per step): a separate forward that puts
+// the rows of a whole GQA group together, streams K and V without packing, and splits the keys
+// across threads when the heads are too few (see "forward, few queries" below). Same outputs.
 #include "cpu/ops.h"
 
 #include <immintrin.h>
@@ -517,6 +521,282 @@ void forward_tile(const Problem& p, Path path, uint64_t call, int64_t b, int64_t
   }
 }
 
+// ---- forward, few queries (decode) -----------------------------------------------------------
+//
+// When Nq * group <= kDecodeRows, the rows that read one (batch, key/value head) -- the group's
+// query heads times the Nq queries, row r = g * Nq + i for query head hk * group + g -- form one
+// small block, and the tiles above would spend more on packing K and V than on using them. This
+// path streams K and V rows straight from memory instead (D contiguous, any row stride), each key
+// row read once per call: blocks of kBK keys get S = Q K^T, the same online softmax as
+// forward_tile, then O += P V.
+//
+// Split-K (flash-decoding): when the B * Hkv heads are too few to keep the threads busy, the keys
+// are cut into `chunks` ranges run as separate tasks. Range c leaves per row its running max m_c,
+// its sum l_c = sum_j exp(s_j - m_c) and its unnormalised O_c = sum_j exp(s_j - m_c) v_j. Then with
+// M = max_c m_c and weights w_c = exp(m_c - M) (0 for a range that saw nothing, m_c = -inf):
+//   l = sum_c w_c l_c,  out = (sum_c w_c O_c) / l,  lse = M + log(l)
+// which is what one pass over all the keys gives; a row no range saw (l = 0): out 0, lse -inf.
+
+constexpr int64_t kDecodeRows = 16;  // most query rows per (batch, key/value head) on this path
+constexpr int64_t kMinChunkKeys = 256;  // fewest keys worth a split-K task of their own
+constexpr int64_t kDecodeWorkPerThread = int64_t{1} << 20;  // see decode_forward (measured break-even)
+
+struct DecodeScratch {
+  std::vector<float> q, s, o, m, l;
+};
+
+// s[r * kBK + j] = q_r . k_j for rows r < R (q: [R][dp], zero-padded) and keys j < n, key j at
+// element j * ks of k (float32 or bf16).
+void decode_scores_scalar(const float* q, int64_t R, int64_t dp, const void* k, DType dtype, int64_t ks, int64_t n,
+                          int64_t D, float* s) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = 0; r < R; ++r) {
+      float sum = 0.0f;
+      for (int64_t c = 0; c < D; ++c) sum += q[r * dp + c] * load_as_float(k, dtype, j * ks + c);
+      s[r * kBK + j] = sum;
+    }
+}
+
+// 16 elements from src + i as float32 (lanes outside `live` 0): float32, or bf16 widened.
+FUSEDLM_AVX512 inline __m512 load16_avx512(const void* src, DType dtype, int64_t i, __mmask16 live) {
+  if (dtype == DType::F32) return _mm512_maskz_loadu_ps(live, static_cast<const float*>(src) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(live, static_cast<const uint16_t*>(src) + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Lane j of the result = sum of the 16 lanes of x[j]: three rounds of pairwise adds, each
+// halving the partial sums per key, then one permutation back into key order.
+FUSEDLM_AVX512 inline __m512 sum_lanes16_avx512(const __m512 x[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int m = 0; m < 8; ++m)  // b[m]: keys 2m, 2m + 1 in 256-bit halves, 8 partials each
+    b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * m], x[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(x[2 * m], x[2 * m + 1], 0xEE));
+  for (int m = 0; m < 4; ++m)  // c[m]: keys 4m .. 4m + 3 in 128-bit blocks, 4 partials each
+    c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)  // d[m], block i: keys i, 4 + i (m = 0) or 8 + i, 12 + i (m = 1), 2 partials each
+    d[m] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0x88),
+                         _mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0xDD));
+  // e, lane 4i + t: key i + 4t
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  const __m512i key_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(key_order, e);
+}
+
+// Sixteen keys at a time for one row: 16 accumulators over D, summed across lanes together (the
+// keys, a few KiB, stay in L1 while the rows take turns).
+FUSEDLM_AVX512 void decode_scores_avx512(const float* q, int64_t R, int64_t dp, const void* k, DType dtype,
+                                         int64_t ks, int64_t n, int64_t D, float* s) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    int64_t key[16];  // element offsets of the 16 keys (past n: the last key again, result dropped)
+    for (int t = 0; t < 16; ++t) key[t] = std::min<int64_t>(j0 + t, n - 1) * ks;
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 16) {
+        const __mmask16 live = first_lanes(D - c);
+        const __m512 qc = _mm512_loadu_ps(q + r * dp + c);
+        for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qc, load16_avx512(k, dtype, key[t] + c, live), acc[t]);
+      }
+      _mm512_mask_storeu_ps(s + r * kBK + j0, first_lanes(n - j0), sum_lanes16_avx512(acc));
+    }
+  }
+}
+
+void decode_scores(Path path, const float* q, int64_t R, int64_t dp, const void* k, DType dtype, int64_t ks,
+                   int64_t n, int64_t D, float* s) {
+  if (path == Path::Scalar) return decode_scores_scalar(q, R, dp, k, dtype, ks, n, D, s);
+  decode_scores_avx512(q, R, dp, k, dtype, ks, n, D, s);
+}
+
+// o[r][c] += sum_{j < n} p[r * kBK + j] * v_j[c] for rows r < R (o: [R][dp]), c < D.
+void decode_accumulate_scalar(const float* p, int64_t R, const void* v, DType dtype, int64_t vs, int64_t n, int64_t D,
+                              int64_t dp, float* o) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = 0; r < R; ++r) {
+      const float pj = p[r * kBK + j];
+      for (int64_t c = 0; c < D; ++c) o[r * dp + c] += pj * load_as_float(v, dtype, j * vs + c);
+    }
+}
+
+// Rows r0 .. r0 + RB - 1 times 64 columns from c0 held in registers over all n keys; with one or
+// two rows, even and odd keys go to separate accumulators (more independent FMA chains).
+template <int RB>
+FUSEDLM_AVX512 inline void decode_accumulate_block(const float* p, const void* v, DType dtype, int64_t vs, int64_t n,
+                                                   const __mmask16 live[4], int64_t c0, float* o, int64_t dp) {
+  constexpr int KU = RB <= 2 ? 2 : 1;  // keys per step
+  __m512 acc[KU][RB][4];
+  for (int t = 0; t < RB; ++t)
+    for (int u = 0; u < 4; ++u) {
+      acc[0][t][u] = _mm512_maskz_loadu_ps(live[u], o + t * dp + c0 + 16 * u);
+      if (KU == 2) acc[KU - 1][t][u] = _mm512_setzero_ps();
+    }
+  int64_t j = 0;
+  for (; j + KU <= n; j += KU)
+    for (int e = 0; e < KU; ++e) {
+      __m512 vj[4];
+      for (int u = 0; u < 4; ++u) vj[u] = load16_avx512(v, dtype, (j + e) * vs + c0 + 16 * u, live[u]);
+      for (int t = 0; t < RB; ++t) {
+        const __m512 pj = _mm512_set1_ps(p[t * kBK + j + e]);
+        for (int u = 0; u < 4; ++u) acc[e][t][u] = _mm512_fmadd_ps(pj, vj[u], acc[e][t][u]);
+      }
+    }
+  for (; j < n; ++j) {
+    __m512 vj[4];
+    for (int u = 0; u < 4; ++u) vj[u] = load16_avx512(v, dtype, j * vs + c0 + 16 * u, live[u]);
+    for (int t = 0; t < RB; ++t) {
+      const __m512 pj = _mm512_set1_ps(p[t * kBK + j]);
+      for (int u = 0; u < 4; ++u) acc[0][t][u] = _mm512_fmadd_ps(pj, vj[u], acc[0][t][u]);
+    }
+  }
+  for (int t = 0; t < RB; ++t)
+    for (int u = 0; u < 4; ++u) {
+      if (KU == 2) acc[0][t][u] = _mm512_add_ps(acc[0][t][u], acc[KU - 1][t][u]);
+      _mm512_mask_storeu_ps(o + t * dp + c0 + 16 * u, live[u], acc[0][t][u]);
+    }
+}
+
+FUSEDLM_AVX512 void decode_accumulate_avx512(const float* p, int64_t R, const void* v, DType dtype, int64_t vs,
+                                             int64_t n, int64_t D, int64_t dp, float* o) {
+  for (int64_t c0 = 0; c0 < D; c0 += 64) {
+    __mmask16 live[4];
+    for (int u = 0; u < 4; ++u) live[u] = c0 + 16 * u < D ? first_lanes(D - c0 - 16 * u) : 0;
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) decode_accumulate_block<4>(p + r * kBK, v, dtype, vs, n, live, c0, o + r * dp, dp);
+    switch (R - r) {
+      case 3: decode_accumulate_block<3>(p + r * kBK, v, dtype, vs, n, live, c0, o + r * dp, dp); break;
+      case 2: decode_accumulate_block<2>(p + r * kBK, v, dtype, vs, n, live, c0, o + r * dp, dp); break;
+      case 1: decode_accumulate_block<1>(p + r * kBK, v, dtype, vs, n, live, c0, o + r * dp, dp); break;
+      default: break;
+    }
+  }
+}
+
+void decode_accumulate(Path path, const float* p, int64_t R, const void* v, DType dtype, int64_t vs, int64_t n,
+                       int64_t D, int64_t dp, float* o) {
+  if (path == Path::Scalar) return decode_accumulate_scalar(p, R, v, dtype, vs, n, D, dp, o);
+  decode_accumulate_avx512(p, R, v, dtype, vs, n, D, dp, o);
+}
+
+// Keys [j_begin, j_end) of (b, hk) for all its R = group * Nq rows: leaves the unnormalised
+// w.o [R][dp], the running max w.m and the sum w.l of every row.
+void decode_key_range(const Problem& p, Path path, int64_t b, int64_t hk, int64_t j_begin, int64_t j_end,
+                      DecodeScratch& w) {
+  const int64_t R = p.group() * p.Nq, D = p.D, dp = round_up(D, 16);
+  const int64_t esize = p.dtype == DType::F32 ? 4 : 2;
+  const char* k = static_cast<const char*>(p.k) + (b * p.sk[0] + hk * p.sk[1]) * esize;
+  const char* v = static_cast<const char*>(p.v) + (b * p.sv[0] + hk * p.sv[1]) * esize;
+  w.q.resize(R * dp);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t h = hk * p.group() + r / p.Nq, i = r % p.Nq;
+    const char* q = static_cast<const char*>(p.q) + (b * p.sq[0] + h * p.sq[1] + i * p.sq[2]) * esize;
+    load_rows_f32(q, p.dtype, 0, 1, D, w.q.data() + r * dp, dp);
+  }
+  w.s.resize(R * kBK);
+  w.o.assign(R * dp, 0.0f);
+  w.m.assign(R, kNegInf);
+  w.l.assign(R, 0.0f);
+
+  // Query 0 sees the fewest keys and query Nq - 1 the most (row_limit grows with i).
+  const int64_t limit_first = p.row_limit(b, 0), limit_last = p.row_limit(b, p.Nq - 1);
+  for (int64_t j0 = j_begin; j0 < std::min(j_end, limit_last); j0 += kBK) {
+    const int64_t n = std::min(kBK, j_end - j0);
+    const Cover padding = padding_cover(p, b, j0, n);
+    if (padding == Cover::All) continue;
+    const bool full = padding == Cover::None && limit_first >= j0 + n;
+    decode_scores(path, w.q.data(), R, dp, k + j0 * p.sk[2] * esize, p.dtype, p.sk[2], n, D, w.s.data());
+
+    // Online softmax per row, as in forward_tile: P overwrites S (zeros past each row's keys).
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = hk * p.group() + r / p.Nq, i = r % p.Nq;
+      float* s = w.s.data() + r * kBK;
+      const int64_t cols = full ? n : std::clamp<int64_t>(p.row_limit(b, i) - j0, 0, n);
+      float a = p.scale;
+      if (!full || p.bias != nullptr || p.scale <= 0.0f) a = prepare_row(p, s, b, h, i, j0, cols, padding == Cover::Partial);
+      const float m_new = std::max(w.m[r], row_max(path, s, cols) * a);
+      const float m_use = m_new == kNegInf ? 0.0f : m_new;  // a row that has seen nothing yet
+      const float sum = exp_row(path, s, cols, kBK, a, m_use);
+      const float alpha = std::exp(w.m[r] - m_use);
+      w.l[r] = w.l[r] * alpha + sum;
+      w.m[r] = m_new;
+      if (alpha != 1.0f) scale_row(path, w.o.data() + r * dp, dp, alpha);
+    }
+
+    decode_accumulate(path, w.s.data(), R, v + j0 * p.sv[2] * esize, p.dtype, p.sv[2], n, D, dp, w.o.data());
+  }
+}
+
+// out and lse of row r of (b, hk) from its unnormalised o (dp floats), sum l and max m.
+void decode_store_row(const Problem& p, Path path, int64_t b, int64_t hk, int64_t r, const float* o, float l, float m,
+                      void* out, float* lse) {
+  const int64_t h = hk * p.group() + r / p.Nq, i = r % p.Nq;
+  const int64_t row = (b * p.Hq + h) * p.Nq + i;
+  store_row(path, o, l > 0.0f ? 1.0f / l : 0.0f, p.D, out, p.dtype, row * p.D);
+  lse[row] = l > 0.0f ? m + std::log(l) : kNegInf;
+}
+
+void decode_forward(const Problem& p, Path path, void* out, float* lse, int max_threads) {
+  const int64_t R = p.group() * p.Nq, dp = round_up(p.D, 16), heads = p.B * p.Hkv;
+  const int64_t k_tiles = (p.Nk + kBK - 1) / kBK;
+  // Waking a pool thread costs tens of microseconds, as much as a small call's whole work: one
+  // thread per kDecodeWorkPerThread multiply-adds and K/V elements (about 1 + R per K/V element).
+  const int64_t work = heads * p.Nk * p.D * (R + 1);
+  const int num_threads = static_cast<int>(std::clamp<int64_t>(work / kDecodeWorkPerThread, 1, std::max(max_threads, 1)));
+  // Enough tasks for every thread (twice over, for balance), each of at least kMinChunkKeys keys.
+  int64_t chunks = 1;
+  if (heads < num_threads)
+    chunks = std::clamp<int64_t>((2 * num_threads + heads - 1) / heads, 1, std::max<int64_t>(1, p.Nk / kMinChunkKeys));
+  // Chunk c: key tiles [c * k_tiles / chunks, (c + 1) * k_tiles / chunks).
+  auto chunk_begin = [&](int64_t c) { return std::min(p.Nk, c * k_tiles / chunks * kBK); };
+
+  if (chunks == 1) {
+    parallel_for(heads, num_threads, [&](int64_t task) {
+      thread_local DecodeScratch w;
+      const int64_t b = task / p.Hkv, hk = task % p.Hkv;
+      decode_key_range(p, path, b, hk, 0, p.Nk, w);
+      for (int64_t r = 0; r < R; ++r) decode_store_row(p, path, b, hk, r, w.o.data() + r * dp, w.l[r], w.m[r], out, lse);
+    });
+    return;
+  }
+
+  // Partial results per (head, chunk): R rows of [o (dp floats), m, l].
+  const int64_t stride = dp + 2;
+  std::vector<float> partial(heads * chunks * R * stride);
+  parallel_for(heads * chunks, num_threads, [&](int64_t task) {
+    thread_local DecodeScratch w;
+    const int64_t c = task % chunks, b = task / chunks / p.Hkv, hk = task / chunks % p.Hkv;
+    decode_key_range(p, path, b, hk, chunk_begin(c), chunk_begin(c + 1), w);
+    float* dst = partial.data() + task * R * stride;
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(dst + r * stride, w.o.data() + r * dp, dp * sizeof(float));
+      dst[r * stride + dp] = w.m[r];
+      dst[r * stride + dp + 1] = w.l[r];
+    }
+  });
+  // Merge the chunks of each row: out = sum_c w_c O_c / l as in the split-K comment above.
+  parallel_for(heads, num_threads, [&](int64_t head) {
+    const int64_t b = head / p.Hkv, hk = head % p.Hkv;
+    std::vector<float> o(dp);
+    for (int64_t r = 0; r < R; ++r) {
+      auto part = [&](int64_t c) { return partial.data() + ((head * chunks + c) * R + r) * stride; };
+      float M = kNegInf;
+      for (int64_t c = 0; c < chunks; ++c) M = std::max(M, part(c)[dp]);
+      std::fill(o.begin(), o.end(), 0.0f);
+      float l = 0.0f;
+      if (M != kNegInf) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* pc = part(c);
+          const float wc = std::exp(pc[dp] - M);  // 0 for a chunk that saw nothing (m_c = -inf)
+          if (wc == 0.0f) continue;
+          l += wc * pc[dp + 1];
+          for (int64_t d = 0; d < dp; ++d) o[d] += wc * pc[d];
+        }
+      }
+      decode_store_row(p, path, b, hk, r, o.data(), l, M, out, lse);
+    }
+  });
+}
+
 Path choose_path(DType dtype) {
   if (!use_avx512()) return Path::Scalar;
   if (dtype == DType::BF16 && use_avx512_bf16()) return Path::Avx512Bf16;
@@ -635,6 +915,7 @@ void attention_forward(const void* q, const void* k, const void* v, DType dtype,
   const Problem p{q, k, v, dtype, B, Hq, Hkv, Nq, Nk, D, q_strides, k_strides, v_strides,
                   mask_mode, prefix_len, key_padding_mask, bias, bias_strides, scale};
   const Path path = choose_path(dtype);
+  if (Nq * p.group() <= kDecodeRows) return decode_forward(p, path, out, lse, num_threads);
   const uint64_t call = forward_calls.fetch_add(1) + 1;
   const int64_t q_tiles = (Nq + kBQ - 1) / kBQ;
   parallel_for(B * Hq * q_tiles, num_threads, [&](int64_t task) {

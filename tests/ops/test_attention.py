@@ -335,3 +335,62 @@ def test_triton_opcheck():
     bias = torch.randn(1, 2, 5, 9, requires_grad=True)
     pad = torch.tensor([[True] * 8 + [False]])
     torch.library.opcheck(attention_module._attention_op, (q, k, v, ref.PREFIX, torch.tensor([3]), pad, bias, 0.25, "triton"))
+
+
+# ---- cpu decode path: Nq * (Hq / Hkv) <= 16 rows per key/value head, K/V streamed, split-K ----
+
+# (B, Hq, Hkv, Nq, Nk, D, mask, prefix_len, padding, bias): few queries against a long KV cache.
+DECODE_CASES = [
+    (1, 8, 2, 1, 1100, 128, "causal", None, None, None),  # GQA group 4
+    (2, 8, 2, 4, 1037, 80, "prefix", "rows", "random", None),  # 16 rows per head, D % 64 != 0
+    (2, 4, 1, 4, 1200, 64, "causal", None, "one-empty", "full"),  # batch 0 sees nothing
+    (1, 4, 4, 1, 1500, 17, "bidirectional", None, "random", "keys"),
+    (2, 8, 2, 3, 1029, 128, "prefix", 700, None, "heads"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_cpu_decode_matches_reference(cpu_isa, case, dtype):
+    q, k, v = _inputs(*case[:6], dtype=dtype)
+    _check_backend("cpu", q, k, v, **_case_kwargs(case))
+
+
+def _cpu_out_lse(q, k, v, mode=ref.CAUSAL, prefix_len=None, pad=None, bias=None, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return attention_module._attention_op(q, k, v, mode, prefix_len, pad, bias, scale, "cpu")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("padded", ["first-600", "all"])
+def test_cpu_decode_split_keys(cpu_isa, threads, padded):
+    # One (batch, key/value head) and enough work that two threads split its keys into chunks:
+    # chunks wholly padded (keys < 600), or every key padding (rows see nothing: 0, lse -inf).
+    q, k, v = _inputs(1, 4, 1, 4, 1500, 128)
+    pad = torch.ones(1, 1500, dtype=torch.bool)
+    pad[0, : 600 if padded == "first-600" else 1500] = False
+    bias = torch.randn(1, 4, 4, 1500, generator=torch.Generator().manual_seed(5))
+    prefix = torch.tensor([900])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for b in (None, bias):
+            out, lse = _cpu_out_lse(q, k, v, ref.PREFIX, prefix, pad, b)
+            want_out, want_lse = ref.attention_lse(q, k, v, ref.PREFIX, prefix, pad, b, 128 ** -0.5)
+            torch.testing.assert_close(out, want_out, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(lse, want_lse.float(), atol=2e-5, rtol=1e-5)
+            if padded == "all":
+                assert (out == 0).all() and (lse == float("-inf")).all()
+        _check_backend("cpu", q, k, v, mask="prefix", prefix_len=prefix, key_padding_mask=pad, bias=bias)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_decode_strided_kv_cache(cpu_isa):
+    # K and V: the first Nk rows of a preallocated cache (head stride > Nk * D), q in [B, N, H, D]
+    # memory, and a value cache laid out [B, N, H, D].
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 8, 64, generator=g).transpose(1, 2)
+    k = torch.randn(2, 2, 1500, 64, generator=g)[:, :, :1100]
+    v = torch.randn(2, 1100, 2, 64, generator=g).transpose(1, 2)
+    _check_backend("cpu", q, k, v, mask="causal")
