@@ -1,0 +1,1 @@
+"""fusedlm's kernels inside Hugging Face transformers, peft and bitsandbytes models."""
