@@ -46,5 +46,6 @@ def randomize(m, pattern: str = "lora_", std: float = 0.1, seed: int = 5):
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5):
     """max |a - b| <= rel · max(1, max |b|): float32 rounding, measured against the tensor's scale."""
+    a, b = a.detach(), b.detach()
     err, scale = float((a - b).abs().max()), max(1.0, float(b.abs().max()))
     assert err <= rel * scale, f"max abs difference {err:.3g} > {rel:g} x scale {scale:.3g}"
