@@ -10,6 +10,8 @@ _ENC = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layer
 
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**_DEC, num_key_value_heads=2),  # GQA 4 -> 2
+    # bitsandbytes' CPU 4-bit kernel needs in_features >= its blocksize (64)
+    "llama-64": lambda: tf.LlamaConfig(**{**_DEC, "hidden_size": 64, "intermediate_size": 128}, num_key_value_heads=2),
     "qwen2": lambda: tf.Qwen2Config(**_DEC, num_key_value_heads=1),  # MQA, q/k/v biases
     # layer 0 full attention, layer 1 a sliding window of 4 (prompts are longer)
     "qwen2-sliding": lambda: tf.Qwen2Config(**_DEC, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
@@ -21,7 +23,7 @@ CONFIGS = {
     "bert": lambda: tf.BertConfig(**_ENC),
     "roberta": lambda: tf.RobertaConfig(**_ENC, pad_token_id=1),
 }
-CAUSAL_LM = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen2-sliding": tf.Qwen2ForCausalLM,
+CAUSAL_LM = {"llama": tf.LlamaForCausalLM, "llama-64": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen2-sliding": tf.Qwen2ForCausalLM,
              "mistral": tf.MistralForCausalLM, "mistral-sliding": tf.MistralForCausalLM, "gpt2": tf.GPT2LMHeadModel}
 MASKED_LM = {"bert": tf.BertForMaskedLM, "roberta": tf.RobertaForMaskedLM}
 

@@ -2,17 +2,12 @@
 logits and every parameter's gradient (fp32, <= 1e-5), greedy generation token for token, with
 padding; the mask plans against transformers' own masks; the fallbacks and their warnings."""
 import contextlib
-import os
-import pathlib
-import sys
 import warnings
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _tiny import CAUSAL_LM, MASKED_LM, V, batch, make  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     causal_mask_function,
@@ -20,8 +15,7 @@ from transformers.masking_utils import (  # noqa: E402
     sliding_window_causal_mask_function,
 )
 
-from fusedlm import ops  # noqa: E402
-from fusedlm.integrations import _masks, _once  # noqa: E402
+from fusedlm.integrations import _masks  # noqa: E402
 from fusedlm.integrations import transformers as fl_transformers  # noqa: E402
 
 ATOL = 1e-5
@@ -29,22 +23,14 @@ SLIDING = ("mistral-sliding", "qwen2-sliding")  # a window of 4 under 9-token pr
 
 
 @pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
+def registered():
     fl_transformers.register()
-    monkeypatch.setattr(_once, "_seen", set())
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
+def fused_calls(op_calls):
     """The keyword arguments of every ops.attention call."""
-    calls, real = [], ops.attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "attention", spy)
-    return calls
+    return op_calls["attention"]
 
 
 def _fallback_warnings(record) -> list[str]:
