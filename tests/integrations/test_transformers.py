@@ -72,7 +72,7 @@ def test_forward_backward_match_sdpa(name, fused_calls):
     assert fused_calls or name == "mistral-sliding", "ops.attention was never called"  # its every layer slides
     fallbacks = _fallback_warnings(record)
     if name in SLIDING:  # the prefill of a window-4 layer over 9 queries runs on sdpa, once warned
-        assert len(fallbacks) == 1 and "sliding window of 4 tokens" in fallbacks[0]
+        assert len(fallbacks) == 1 and "sliding window that hides keys" in fallbacks[0]
     else:
         assert fallbacks == []
         assert all(c["mask"] == ("causal" if name in CAUSAL_LM else "bidirectional") for c in fused_calls)
@@ -86,7 +86,7 @@ def test_greedy_generate_matches_sdpa(name, fused_calls):
     model.set_attn_implementation("sdpa")
     want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     model.set_attn_implementation("fusedlm")
-    prefill = pytest.warns(RuntimeWarning, match="sliding window of 4") if name in SLIDING else contextlib.nullcontext()
+    prefill = pytest.warns(RuntimeWarning, match="sliding window that hides keys") if name in SLIDING else contextlib.nullcontext()
     with prefill:
         got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
@@ -267,7 +267,7 @@ def test_plans_match_transformers_masks(case, padded):
     assert torch.equal(carrier.as_subclass(torch.Tensor), want)
     plan = carrier.plan
     if not expressible:
-        assert plan.mode is None and f"sliding window of {window}" in plan.reason
+        assert plan.mode is None and "sliding window" in plan.reason
         return
     assert plan.mode is not None, plan.reason
     assert torch.equal(plan.dense(b), want)
