@@ -23,9 +23,10 @@ CONFIGS = {
     "bert": lambda: tf.BertConfig(**_ENC),
     "roberta": lambda: tf.RobertaConfig(**_ENC, pad_token_id=1),
 }
-CAUSAL_LM = {"llama": tf.LlamaForCausalLM, "llama-64": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen2-sliding": tf.Qwen2ForCausalLM,
+CAUSAL_LM = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen2-sliding": tf.Qwen2ForCausalLM,
              "mistral": tf.MistralForCausalLM, "mistral-sliding": tf.MistralForCausalLM, "gpt2": tf.GPT2LMHeadModel}
 MASKED_LM = {"bert": tf.BertForMaskedLM, "roberta": tf.RobertaForMaskedLM}
+CLASSES = {**CAUSAL_LM, **MASKED_LM, "llama-64": tf.LlamaForCausalLM}
 
 
 def make(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
@@ -33,7 +34,7 @@ def make(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     torch.manual_seed(seed)
     config = CONFIGS[name]()
     config._attn_implementation = attn_implementation
-    model = {**CAUSAL_LM, **MASKED_LM}[name](config).eval()
+    model = CLASSES[name](config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname.lower() or pname.endswith("bias"):

@@ -79,6 +79,20 @@ def test_forward_backward_match_sdpa(name, fused_calls):
         assert all(c["key_padding_mask"] is not None for c in fused_calls)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_capped_cpu_isa_matches_sdpa(isa):
+    """The llama parity again with the cpu kernels capped to a lower SIMD level (AVX2-only machines)."""
+    from fusedlm.ops._backends import cpu_isa_limit
+
+    model = make("llama").train()
+    ids, mask = batch()
+    want, want_grads = _forward_backward(model, "sdpa", ids, mask)
+    with cpu_isa_limit(isa):
+        got, got_grads = _forward_backward(model, "fusedlm", ids, mask)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    _assert_grads_close(got_grads, want_grads)
+
+
 @pytest.mark.parametrize("name", sorted(CAUSAL_LM))
 def test_greedy_generate_matches_sdpa(name, fused_calls):
     model = make(name)
