@@ -144,8 +144,9 @@ def test_apply_then_undo_restores_the_model():
     assert all("forward" in modules[name].__dict__ for name in patched)
     undo(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
-    assert not hasattr(model, "_fusedlm_report") and not hasattr(model.get_base_model(), "_get_logits_processor_")
-    assert "_get_logits_processor" not in model.get_base_model().__dict__
+    assert not hasattr(model, "_fusedlm_report")
+    hf = model.get_base_model()
+    assert "_get_logits_processor" not in hf.__dict__ and "generate" not in hf.__dict__
     assert model.get_base_model().config._attn_implementation == "sdpa"
     after = model.state_dict()
     assert after.keys() == state.keys()
