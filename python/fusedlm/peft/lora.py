@@ -125,28 +125,27 @@ class LoraLinear(nn.Module):
             return base.weight.device, base.weight_dtype
         return base.weight.device, base.weight.dtype
 
-    def add(self, config: LoraConfig) -> None:
-        """Adds adapter `config.name` (A kaiming-uniform a=sqrt(5), B zero: the output is unchanged)."""
+    def _new(self, name: str, r: int) -> tuple[nn.Linear, nn.Linear]:
         device, dtype = self._param_like()
-        a = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
-        b = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        nn.init.zeros_(b.weight)
-        self.lora_A[config.name], self.lora_B[config.name] = a, b
-        self.r[config.name], self.scaling[config.name], self.dropout[config.name] = config.r, config.scaling, config.dropout
-
-    def set_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Replaces adapter `name` by A ``[r, K]``, B ``[N, r]`` and scale `scaling` (loading a file)."""
-        device, dtype = self._param_like()
-        r = a.shape[0]
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        with torch.no_grad():
-            self.lora_A[name].weight.copy_(a)
-            self.lora_B[name].weight.copy_(b)
-        self.r[name], self.scaling[name] = r, float(scaling)
-        self.dropout.setdefault(name, 0.0)
         self._stack_cache = None
+        return self.lora_A[name], self.lora_B[name]
+
+    def add(self, config: LoraConfig) -> None:
+        """Adds adapter `config.name` (A kaiming-uniform a=sqrt(5), B zero: the output is unchanged)."""
+        a, b = self._new(config.name, config.r)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.r[config.name], self.scaling[config.name], self.dropout[config.name] = config.r, config.scaling, config.dropout
+
+    def set_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0) -> None:
+        """Sets adapter `name` to A ``[r, K]``, B ``[N, r]``, scale `scaling` (loading a file)."""
+        lin_a, lin_b = self._new(name, a.shape[0])
+        with torch.no_grad():
+            lin_a.weight.copy_(a)
+            lin_b.weight.copy_(b)
+        self.r[name], self.scaling[name], self.dropout[name] = a.shape[0], float(scaling), dropout
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B A ``[N, K]`` of adapter `name`, computed in float32."""
