@@ -177,6 +177,16 @@ def _trl_steps(kind: str, peer, examples, s, steps: int) -> list[float] | str:
     return timer.times[1:]  # the first step warms up
 
 
+def _trl_row(kind: str, peer, examples, s, steps: int, case: str) -> list[Row]:
+    name = "trl SFTTrainer" if kind == "sft" else "trl DPOTrainer"
+    times = _trl_steps(kind, peer, examples, s, steps)
+    if isinstance(times, str):
+        print(f"{name} skipped: {times}")
+        return []
+    ms = 1e3 * statistics.median(times)
+    return [Row(SUITE, case, name, ms, {"tok_per_s": s["batch"] * s["seq"] / ms * 1e3})]
+
+
 def run(full: bool = False) -> list[Row]:
     s = _shape(full)
     ours, peer = _models(s)
@@ -194,22 +204,12 @@ def run(full: bool = False) -> list[Row]:
     for name, ms in _alternating(fns, rounds, per_round).items():
         rows.append(Row(SUITE, f"SFT step, loss on the response half, {tag}", name, ms, {"tok_per_s": tokens / ms * 1e3}))
     if peer is not None:
-        times = _trl_steps("sft", copy.deepcopy(peer), sft, s, trl_steps)
-        if isinstance(times, str):
-            print(f"trl SFTTrainer skipped: {times}")
-        else:
-            ms = 1e3 * statistics.median(times)
-            rows.append(Row(SUITE, f"SFT step, loss on the response half, {tag}", "trl SFTTrainer", ms, {"tok_per_s": tokens / ms * 1e3}))
+        rows += _trl_row("sft", copy.deepcopy(peer), sft, s, trl_steps, f"SFT step, loss on the response half, {tag}")
 
     case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
     dpo_ms = _alternating({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s)}, rounds, per_round)
     for name, ms in dpo_ms.items():
         rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
     if peer is not None:
-        times = _trl_steps("dpo", copy.deepcopy(peer), pairs, s, trl_steps)
-        if isinstance(times, str):
-            print(f"trl DPOTrainer skipped: {times}")
-        else:
-            ms = 1e3 * statistics.median(times)
-            rows.append(Row(SUITE, case, "trl DPOTrainer", ms, {"tok_per_s": tokens / ms * 1e3}))
+        rows += _trl_row("dpo", copy.deepcopy(peer), pairs, s, trl_steps, case)
     return rows
