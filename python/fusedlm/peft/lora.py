@@ -69,7 +69,7 @@ class LoraState:
     def __init__(self):
         self.adapters: dict[str, LoraConfig] = {}
         self.active: str | None = None
-        self.disabled = False
+        self.peft_disabled = False
         self._checked: torch.Tensor | None = None  # the last adapter_ids validated (one check per forward)
 
     def index(self, name: str) -> int:
@@ -154,7 +154,7 @@ class LoraLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state
-        if state.disabled:
+        if state.peft_disabled:
             return self.base_layer(x)
         ids = current_routing().adapter_ids
         if ids is not None:
@@ -330,15 +330,24 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def disable(model: nn.Module):
-    """Inside the block the model runs without any adapter (the base model)."""
-    state = _require(model)
-    if any(layer.merged for _, layer in lora_layers(model)):
+    """Inside the block `model` runs as its base model: every PEFT method on it is off (LoRA layers,
+    AdaPtLoRA gates, a PromptModel's virtual tokens, bottleneck adapters: each module of these
+    methods has a ``peft_disabled`` flag; LoRA layers share theirs through their LoraState)."""
+    layers = lora_layers(model)
+    if any(layer.merged for _, layer in layers):
         raise ValueError("an adapter is merged into the base weights: peft.unmerge(model) before disabling adapters")
-    previous, state.disabled = state.disabled, True
+    flagged = list({id(x): x for x in [layer._state for _, layer in layers]
+                    + [m for m in model.modules() if hasattr(m, "peft_disabled")]}.values())
+    if not flagged:
+        raise ValueError(f"this {type(model).__name__} has no PEFT method applied (nothing to disable)")
+    previous = [x.peft_disabled for x in flagged]
+    for x in flagged:
+        x.peft_disabled = True
     try:
         yield model
     finally:
-        state.disabled = previous
+        for x, p in zip(flagged, previous):
+            x.peft_disabled = p
 
 
 def merge(model: nn.Module, name: str | None = None) -> None:
