@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
                 problems.append(f"{so} links {bad}")
             if torch_syms:
                 problems.append(f"{so} expects torch symbols, e.g. {torch_syms[:3]}")
-    print(f"  {wheel.name}: {wheel.stat().st_size // 1024} KiB, {len(members)} files, "
+    files = [m for m in members if not m.endswith("/")]
+    print(f"  {wheel.name}: {wheel.stat().st_size // 1024} KiB, {len(files)} files, "
           f"modules {sorted(k for k, v in modules.items() if v)}")
     for p in problems:
         print(f"check_wheel: FAIL: {p}", file=sys.stderr)
