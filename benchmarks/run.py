@@ -22,6 +22,7 @@ SUITES = {
     "nf4": "bench_nf4",
     "sampling": "bench_sampling",
     "models": "bench_models",
+    "integrations": "bench_integrations",
 }
 
 

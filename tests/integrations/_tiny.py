@@ -10,6 +10,8 @@ _ENC = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layer
 
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**_DEC, num_key_value_heads=2),  # GQA 4 -> 2
+    # bitsandbytes' CPU 4-bit kernel needs in_features >= its blocksize (64)
+    "llama-64": lambda: tf.LlamaConfig(**{**_DEC, "hidden_size": 64, "intermediate_size": 128}, num_key_value_heads=2),
     "qwen2": lambda: tf.Qwen2Config(**_DEC, num_key_value_heads=1),  # MQA, q/k/v biases
     # layer 0 full attention, layer 1 a sliding window of 4 (prompts are longer)
     "qwen2-sliding": lambda: tf.Qwen2Config(**_DEC, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
@@ -24,6 +26,7 @@ CONFIGS = {
 CAUSAL_LM = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen2-sliding": tf.Qwen2ForCausalLM,
              "mistral": tf.MistralForCausalLM, "mistral-sliding": tf.MistralForCausalLM, "gpt2": tf.GPT2LMHeadModel}
 MASKED_LM = {"bert": tf.BertForMaskedLM, "roberta": tf.RobertaForMaskedLM}
+CLASSES = {**CAUSAL_LM, **MASKED_LM, "llama-64": tf.LlamaForCausalLM}
 
 
 def make(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
@@ -31,7 +34,7 @@ def make(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     torch.manual_seed(seed)
     config = CONFIGS[name]()
     config._attn_implementation = attn_implementation
-    model = {**CAUSAL_LM, **MASKED_LM}[name](config).eval()
+    model = CLASSES[name](config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname.lower() or pname.endswith("bias"):

@@ -22,7 +22,7 @@ from ..reference.attention import MASK_MODES, visible
 class MaskPlan:
     q_length: int
     kv_length: int
-    mode: str | None = None  # "causal" | "bidirectional"; None: not expressible, see `reason`
+    mode: str | None = None  # "causal" | "bidirectional"; None: not expressible, see `reason` (one per kind)
     keys: int = 0  # key columns >= keys are hidden from every query
     key_padding_mask: torch.Tensor | None = None  # bool [B, keys], True = visible; None = all
     reason: str | None = None
@@ -68,15 +68,13 @@ def lower(kind: str, q_length: int, kv_length: int, padding: torch.Tensor | None
         return _plan("bidirectional", q_length, kv_length, kv_length, row if padding is None else row & padding)
     keys = q_length + diag  # columns from here on come after every query
     if keys > kv_length:
-        return MaskPlan(q_length, kv_length, reason=(
-            f"a causal mask whose diagonal (q_offset - kv_offset = {diag}) lies past the last of the "
-            f"{kv_length} keys for {q_length} queries"))
+        return MaskPlan(q_length, kv_length, reason="a causal mask whose diagonal lies past the last key")
     if keys <= 0:
         return MaskPlan(q_length, kv_length, reason="a causal mask under which no query sees any key")
     if window is not None and keys - 1 >= window:  # then the last query loses column 0, the first does not
         return MaskPlan(q_length, kv_length, reason=(
-            f"a sliding window of {window} tokens over {q_length} queries (ops.attention has no "
-            "sliding-window mask; it is used where the window hides nothing or for one query at a time)"))
+            "a sliding window that hides keys from some of several queries (ops.attention has no sliding-window "
+            "mask; windows run on it where they hide nothing, and for one query at a time, as in decoding)"))
     return _plan("causal", q_length, kv_length, keys, padding)
 
 
@@ -86,7 +84,7 @@ def recover(mask: torch.Tensor, *, diag: int | None = None, window: int | None =
     + padding; otherwise a plan with a reason. Costs a few passes over the B x Nq x Nk booleans."""
     b, heads, nq, nk = mask.shape
     if heads != 1:
-        return MaskPlan(nq, nk, reason=f"a mask with per-head patterns (shape {list(mask.shape)})")
+        return MaskPlan(nq, nk, reason="a mask with per-head patterns")
     diag = nk - nq if diag is None else diag
     padding = mask.any(dim=2).view(b, nk)  # the keys some query sees
     if torch.equal(mask, padding.view(b, 1, 1, nk).expand(b, 1, nq, nk)):
@@ -100,10 +98,10 @@ def recover_tensor(mask: torch.Tensor) -> MaskPlan:
     """The plan of a 4-D mask a user handed transformers as it is (bool, or additive float that is
     0 where visible and the dtype's minimum / -inf elsewhere); a bias-like float mask has none."""
     if mask.dim() != 4:
-        return MaskPlan(0, 0, reason=f"a {mask.dim()}-D attention mask")
+        return MaskPlan(0, 0, reason="an attention mask that is not 4-D")
     if mask.dtype != torch.bool:
         if not mask.is_floating_point():
-            return MaskPlan(0, 0, reason=f"a {mask.dtype} attention mask")
+            return MaskPlan(0, 0, reason="an integer attention mask")
         hidden = mask <= torch.finfo(mask.dtype).min
         if not bool((hidden | (mask == 0)).all()):
             return MaskPlan(0, 0, reason="an additive float mask with values other than 0 and -inf (a bias)")

@@ -136,9 +136,9 @@ def _unsupported(query, key, value, dropout: float, kwargs) -> tuple[str, str] |
         return "dropout > 0 (ops.attention has no dropout_p yet)", "sdpa"
     d = query.shape[-1]
     if key.shape[-1] != d or value.shape[-1] != d:
-        return f"key/value head dims ({key.shape[-1]}, {value.shape[-1]}) unlike the query's ({d})", "sdpa"
+        return "key/value head dims unlike the query's", "sdpa"
     if d > _MAX_HEAD_DIM:
-        return f"head dim {d} > {_MAX_HEAD_DIM}", "sdpa"
+        return f"a head dim above {_MAX_HEAD_DIM}", "sdpa"
     return None
 
 
@@ -178,7 +178,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if unsupported:
         feature, target = unsupported
         warn_once(feature, f"fusedlm attention: {feature} is not supported by ops.attention; such calls run "
-                  f"transformers' {target} attention instead (shown once)")
+                  f"transformers' {target} attention instead (shown once; first seen on {query.shape[2]} queries "
+                  f"x {key.shape[2]} keys in {type(module).__name__})")
         return _fallback(target, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
     n = plan.keys  # a static cache holds keys after every query: sliced off (views)

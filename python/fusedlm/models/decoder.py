@@ -72,25 +72,9 @@ class DecoderLM(nn.Module):
         return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=True),
                            hidden_states=hidden if output_hidden_states else None)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                 prefix_len=None, eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding with the KV cache: (B, N) -> (B, N + up to max_new_tokens). After a row
-        emits eos_token_id it gets pad_token_id (default: eos); it stops when every row is done."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-        b, n = input_ids.shape
-        cache = self.new_cache(b, n + max_new_tokens)
-        logits = self(input_ids, attention_mask=attention_mask, prefix_len=prefix_len, cache=cache, last_logits_only=True).logits
-        tokens, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            next_id = logits[:, -1].argmax(-1)  # (B,)
-            if eos_token_id is not None:
-                next_id = torch.where(done, pad_token_id, next_id)
-                done |= next_id == eos_token_id
-            tokens.append(next_id[:, None])
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = self(next_id[:, None], prefix_len=prefix_len, cache=cache, last_logits_only=True).logits  # (B, 1, V)
-        return torch.cat(tokens, dim=1)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """``fusedlm.generation.generate(self, input_ids, max_new_tokens=..., **kwargs)``: greedy,
+        sampling, beam or contrastive search with transformers' arguments (see there)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

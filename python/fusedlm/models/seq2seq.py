@@ -91,27 +91,9 @@ class Seq2SeqLM(nn.Module):
         return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=False),
                            hidden_states=hidden if output_hidden_states else None, encoder_last_hidden_state=encoder_out)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding: (B, M) source -> (B, 1 + up to max_new_tokens) target ids, starting
-        with decoder_start_token_id; rows after eos_token_id get pad_token_id (default: config's)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        b = input_ids.shape[0]
-        memory = self.encode(input_ids, attention_mask)
-        cache = self.new_cache(b, 1 + max_new_tokens)
-        tokens = [torch.full((b, 1), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)]
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(decoder_input_ids=tokens[-1], attention_mask=attention_mask, encoder_out=memory, cache=cache,
-                          last_logits_only=True).logits
-            next_id = logits[:, -1].argmax(-1)  # (B,)
-            if eos_token_id is not None:
-                next_id = torch.where(done, pad_token_id, next_id)
-                done |= next_id == eos_token_id
-            tokens.append(next_id[:, None])
-            if bool(done.all()):
-                break
-        return torch.cat(tokens, dim=1)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """``fusedlm.generation.generate(self, input_ids, max_new_tokens=..., **kwargs)``: greedy,
+        sampling, beam or contrastive search with transformers' arguments (see there)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

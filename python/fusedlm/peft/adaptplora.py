@@ -25,8 +25,8 @@ from torch import nn
 from .. import ops
 from ..models.layers import current_routing, routing
 from ..nn import NF4Linear
-from .lora import _base_weight, check_hparams, freeze_base, scaling_of
-from .prompts import PromptModel, _check_model, _count, token_init
+from .lora import _base_weight, check_hparams, freeze_base, positive_int, scaling_of
+from .prompts import PromptModel, _check_model, token_init
 from .targets import find_targets, set_module
 
 
@@ -126,8 +126,8 @@ def apply_adaptplora(model: nn.Module, *, n_tasks: int, n_prompt_tokens: int = 8
     """Freezes `model`, puts a gated shared LoRA on each of its `targets` and returns the
     :class:`AdaPtLoRAModel` that prepends the per-task prompts (length n_prompt_tokens)."""
     _check_model(model)
-    n_tasks = _count("n_tasks", n_tasks)
-    length = _count("n_prompt_tokens", n_prompt_tokens)
+    n_tasks = positive_int("n_tasks", n_tasks)
+    length = positive_int("n_prompt_tokens", n_prompt_tokens)
     r, alpha, dropout = check_hparams(r, alpha, dropout, "adaptplora")
     found = find_targets(model, targets)
     freeze_base(model)

@@ -13,12 +13,10 @@ and the module names other methods target do not change.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
-from .lora import freeze_base
+from .lora import freeze_base, positive_int
 
 KINDS = {"pfeiffer": (("mlp",), "relu"), "houlsby": (("attn", "mlp"), "swish")}
 _ACTS = {"relu": nn.ReLU, "swish": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -53,8 +51,7 @@ def apply_adapters(model: nn.Module, *, kind: str = "pfeiffer", reduction: int =
     kind: "pfeiffer" (after the FFN) or "houlsby" (after self-attention and after the FFN)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if isinstance(reduction, bool) or not isinstance(reduction, numbers.Integral) or reduction <= 0:
-        raise ValueError(f"reduction must be an int > 0, got {reduction!r}")
+    reduction = positive_int("reduction", reduction)
     sublayers, default_act = KINDS[kind]
     blocks = [m for path, m in model.named_modules() if path.rsplit(".", 2)[-2:-1] == ["blocks"]]
     if not blocks:
@@ -67,6 +64,6 @@ def apply_adapters(model: nn.Module, *, kind: str = "pfeiffer", reduction: int =
             sub = getattr(block, name)
             if hasattr(sub, "adapter"):
                 raise ValueError(f"{type(model).__name__} already carries bottleneck adapters")
-            sub.adapter = BottleneckAdapter(d, int(reduction), activation or default_act).to(device=like.device, dtype=like.dtype)
+            sub.adapter = BottleneckAdapter(d, reduction, activation or default_act).to(device=like.device, dtype=like.dtype)
             sub.register_forward_hook(_run_adapter)
     return model

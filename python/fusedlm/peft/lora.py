@@ -249,7 +249,8 @@ def lora_state(model: nn.Module) -> LoraState | None:
     return layers[0][1]._state if layers else None
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
+    """value as an int, > 0 (TypeError / ValueError naming `name` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
@@ -258,7 +259,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def check_hparams(r, alpha, dropout, name) -> tuple[int, float, float]:
-    r = _positive_int("r", r)
+    r = positive_int("r", r)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha <= 0:
         raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:

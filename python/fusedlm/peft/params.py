@@ -10,6 +10,7 @@ from torch import nn
 
 from ..models.config import ModelConfig
 from ..nn import NF4Linear
+from .lora import positive_int
 from .targets import TARGETS, normalize_targets
 
 
@@ -49,8 +50,7 @@ def count_lora_parameters(config: ModelConfig, *, r: int, targets="all") -> int:
     match it by name). LLaMA-7B, r = 8, all seven targets: 19,988,480."""
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a fusedlm ModelConfig, got {type(config).__name__}")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be an int > 0, got {r!r}")
+    r = positive_int("r", r)
     names = normalize_targets(targets)
     shapes = _shapes(config)
     if not (isinstance(targets, str) and targets == "all"):

@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import torch
 from torch import nn
 
 from ..models import DecoderLM, EncoderLM, Seq2SeqLM
 from ..models.layers import ModelOutput
-from .lora import freeze_base
+from .lora import freeze_base, positive_int
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 
@@ -236,14 +235,6 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a fusedlm DecoderLM, EncoderLM or Seq2SeqLM, got {type(model).__name__}")
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
-
-
 def wrap(model, encoder, method: str, n: int) -> PromptModel:
     """Freezes `model` and wraps it with `encoder` (a PromptModel)."""
     freeze_base(model)
@@ -265,7 +256,7 @@ def apply_prompt_tuning(model, *, n_virtual_tokens: int = 20, init_token_ids=Non
     """Prompt tuning: n_virtual_tokens trainable embeddings before the input (the model frozen).
     Init N(0, 1), or the embeddings of `init_token_ids` repeated and truncated to length."""
     _check_model(model)
-    n = _count("n_virtual_tokens", n_virtual_tokens)
+    n = positive_int("n_virtual_tokens", n_virtual_tokens)
     rows = n * (2 if isinstance(model, Seq2SeqLM) else 1)
     init = None if init_token_ids is None else token_init(model, init_token_ids, rows)
     return wrap(model, PromptEmbedding(rows, model.config.d_model, init), "prompt_tuning", n)
@@ -276,22 +267,22 @@ def apply_p_tuning(model, *, n_virtual_tokens: int = 20, encoder: str = "MLP", h
     """P-tuning: virtual token embeddings produced by a trainable prompt encoder (``encoder`` "MLP"
     or "LSTM"; hidden_size defaults to d_model, as peft's encoder_hidden_size)."""
     _check_model(model)
-    n = _count("n_virtual_tokens", n_virtual_tokens)
+    n = positive_int("n_virtual_tokens", n_virtual_tokens)
     d = model.config.d_model
     rows = n * (2 if isinstance(model, Seq2SeqLM) else 1)
-    hidden = d if hidden_size is None else _count("hidden_size", hidden_size)
-    return wrap(model, PromptEncoder(rows, d, hidden, encoder, _count("num_layers", num_layers), dropout), "p_tuning", n)
+    hidden = d if hidden_size is None else positive_int("hidden_size", hidden_size)
+    return wrap(model, PromptEncoder(rows, d, hidden, encoder, positive_int("num_layers", num_layers), dropout), "p_tuning", n)
 
 
 def apply_prefix_tuning(model, *, n_virtual_tokens: int = 20, projection: bool = False, hidden_size: int | None = None) -> PromptModel:
     """Prefix tuning: per-layer key/value prefixes (Hkv heads), from a table or (projection=True) the
     reparametrisation MLP; hidden_size defaults to Hkv·D (peft's encoder_hidden_size)."""
     _check_model(model)
-    n = _count("n_virtual_tokens", n_virtual_tokens)
+    n = positive_int("n_virtual_tokens", n_virtual_tokens)
     cfg = model.config
     if isinstance(model, Seq2SeqLM) and cfg.n_decoder_layers > cfg.n_layers:
         raise ValueError(f"prefix tuning on an encoder-decoder follows peft's layout, which has prefixes for n_layers={cfg.n_layers} "
                          f"decoder layers; this model has n_decoder_layers={cfg.n_decoder_layers}")
     token_dim = cfg.n_kv_heads * cfg.head_dim
-    hidden = None if hidden_size is None else _count("hidden_size", hidden_size)
+    hidden = None if hidden_size is None else positive_int("hidden_size", hidden_size)
     return wrap(model, PrefixEncoder(n, cfg.n_layers, token_dim, bool(projection), hidden), "prefix_tuning", n)
