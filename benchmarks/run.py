@@ -22,6 +22,8 @@ SUITES = {
     "nf4": "bench_nf4",
     "sampling": "bench_sampling",
     "models": "bench_models",
+    "training": "bench_training",
+    "peft": "bench_peft",
     "integrations": "bench_integrations",
 }
 

@@ -193,3 +193,19 @@ def test_labels_of_the_wrong_shape_are_refused():
     batch = {"input_ids": torch.randint(0, _tiny.V, (2, 8)), "labels": torch.randint(0, _tiny.V, (2, 7))}
     with pytest.raises(ValueError, match="labels must have the shape"):
         lm_loss(model, batch)
+
+
+def test_command_line_trains_and_generates(tmp_path, capsys):
+    import numpy as np
+
+    from fusedlm.training.__main__ import main
+
+    tokens = np.arange(4000) % 100
+    np.save(tmp_path / "tokens.npy", tokens)
+    assert main(["clm", "--data", str(tmp_path / "tokens.npy"), "--seq", "32", "--steps", "3", "--batch-size", "4",
+                 "--out", str(tmp_path / "run"), "--warmup", "1"]) == 0
+    assert "step 3: loss" in capsys.readouterr().out
+    assert main(["generate", "--weights", str(tmp_path / "run" / "checkpoint-3" / "model.safetensors"),
+                 "--max-new-tokens", "4", "--seq", "8"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 and len(rows[0].split()) == 4 + 4

@@ -2,7 +2,11 @@
 
 The patched layer keeps its ``Params4bit`` and quant state; its forward reads the same packed
 bytes and absmax through an :class:`~fusedlm.NF4Weight` of views (built by
-:meth:`fusedlm.NF4Linear.from_bnb`): nothing is copied or re-quantised.
+:meth:`fusedlm.NF4Linear.from_bnb`): nothing is copied or re-quantised. Double-quantised scales
+are the exception: they are decoded once, at patch time, into a float32 absmax (4 bytes per block
+of 64 weights, 1/8 of the packed bytes; bitsandbytes' CPU path decodes them once too), since
+``ops.nf4_matmul`` would decode them on every call (about 60 us at 512 x 1408, as long as the
+product itself).
 
 On an avx512_bf16 CPU, bitsandbytes repacks a layer on its first inference forward (eval, no
 grad) into its own CPU layout, and on the way rounds the absmax scales to bfloat16 (undoing double
@@ -13,6 +17,7 @@ scales bitsandbytes computes with, as plain float32 absmax, in its quant state t
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import bitsandbytes as bnb
@@ -30,6 +35,8 @@ def qweight(layer: bnb.nn.Linear4bit) -> NF4Weight:
         if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
             _unpack_cpu_layout(layer.weight)
         cached = NF4Linear.from_bnb(layer).qweight
+        if cached.double_quant:
+            cached = dataclasses.replace(cached, absmax=cached.float_absmax(), nested_absmax=None, offset=None)
         layer._fusedlm_qweight = cached
     return cached
 

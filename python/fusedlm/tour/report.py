@@ -1,9 +1,11 @@
 """What a tour section hands back, and the report.md / summary.json writers.
 
 A section returns a :class:`Section`: a title, a few lines of text, tables, PNG plots (written by
-:func:`plot`), and its *checks* — the claims the section measured ("CLM loss falls", "RAG raises
-precision"), each with the numbers before and after and whether it held. The checks make the
-summary table and are what the smoke test asserts on.
+:func:`plot`), and its *checks*, each with the numbers before and after and whether it held. Two
+kinds: a stage check says a training stage did its job ("CLM loss falls", "the reward model
+ranks held-out pairs better"): the smoke test asserts those. A claim is a textbook statement
+measured ("higher temperature, more diverse text", "RAG raises precision"): reported as it came
+out, held or not, never asserted. Both make the summary table.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Check:
     after: float | None
     expect: str
     passed: bool
+    claim: bool = False  # a measured textbook statement (reported), not a stage check (asserted)
 
 
 @dataclasses.dataclass
@@ -49,13 +52,17 @@ class Section:
     seconds: float = 0.0
     status: str = "ok"  # ok | partial (some part not available) | not available | failed
 
-    def check(self, metric: str, before, after, expect: str = "up", passed: bool | None = None) -> Check:
-        """Records a claim; with expect "up"/"down" and passed None, passed = after > / < before."""
+    def check(self, metric: str, before, after, expect: str = "up", passed: bool | None = None, claim: bool = False) -> Check:
+        """Records a stage check; with expect "up"/"down" and passed None, passed = after > / < before."""
         if passed is None:
             passed = after > before if expect == "up" else after < before
-        c = Check(self.title, metric, before, after, expect, bool(passed))
+        c = Check(self.title, metric, before, after, expect, bool(passed), claim)
         self.checks.append(c)
         return c
+
+    def claim(self, metric: str, before, after, expect: str = "up", passed: bool | None = None) -> Check:
+        """Records a measured claim (see the module docstring)."""
+        return self.check(metric, before, after, expect, passed, claim=True)
 
     def missing(self, what: str) -> None:
         """Marks a part of the section as not measurable here (a base package is missing)."""
@@ -91,8 +98,10 @@ def plot(path: str, draw: Callable, *, figsize=(6.4, 4.0)) -> str:
 
 
 def summary_table(sections: list[Section]) -> Table:
-    rows = [[c.stage, c.metric, c.before, c.after, c.expect, c.passed] for s in sections for c in s.checks]
-    return Table("Summary: each stage's metric, before and after", ["stage", "metric", "before", "after", "expected", "held"], rows)
+    rows = [[c.stage, "claim" if c.claim else "stage", c.metric, c.before, c.after, c.expect, c.passed]
+            for s in sections for c in s.checks]
+    return Table("Summary: each stage's metric and each measured claim, before and after",
+                 ["section", "kind", "metric", "before", "after", "expected", "held"], rows)
 
 
 def status_table(sections: list[Section]) -> Table:

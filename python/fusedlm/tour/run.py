@@ -75,9 +75,9 @@ def _header(ctx: Context, argv: list[str], wall: float) -> list[str]:
 
 def print_summary(sections: list[report.Section]) -> None:
     rows = [["section", "status", "s"]] + [[x.title, x.status, f"{x.seconds:.0f}"] for x in sections]
-    checks = [["stage", "metric", "before", "after", "held"]]
-    checks += [[c.stage, c.metric, report.fmt(c.before), report.fmt(c.after), "yes" if c.passed else "NO"]
-               for x in sections for c in x.checks]
+    checks = [["section", "kind", "metric", "before", "after", "held"]]
+    checks += [[c.stage, "claim" if c.claim else "stage", c.metric, report.fmt(c.before), report.fmt(c.after),
+                "yes" if c.passed else ("no" if c.claim else "NO")] for x in sections for c in x.checks]
     for table in (rows, checks):
         widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
         for r in table:

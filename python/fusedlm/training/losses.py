@@ -117,11 +117,13 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, *, margin: tor
 # PPO pieces (trl 1.12)
 # ---------------------------------------------------------------------------------------------
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of values where mask is True (over `dim`, or over everything)."""
-    mask = mask.to(values.dtype)
+    """Mean of values where mask is True (over `dim`, or over everything); masked-out values never
+    enter (not even an inf or a NaN)."""
+    mask = mask.bool()
+    kept = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if dim is None:
-        return (values * mask).sum() / mask.sum()
-    return (values * mask).sum(dim) / mask.sum(dim)
+        return kept.sum() / mask.sum()
+    return kept.sum(dim) / mask.sum(dim)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
