@@ -10,8 +10,9 @@ tokens; tok_per_s = B·N / step time):
 - DPO: B/2 preference pairs (prompt N/2 tokens, chosen and rejected N/2 each), the reference a
   frozen copy run every step (fusedlm: DPO(frozen_copy(model)); trl: DPOTrainer with ref_model).
 
-Shapes: the quick set uses 2 layers, d=256, N=128, B=4; ``--full`` the issue's 8 layers, d=512,
-8 heads, d_ff=1408, N=512, B=4; vocab 32000 in both. fusedlm and the transformers loop are timed
+Shapes: the quick set uses 2 layers, d=256, N=128, B=4, fp32; ``--full`` the issue's 8 layers,
+d=512, 8 heads, d_ff=1408, N=512, B=4, in fp32 and in bf16 autocast (fp32 master weights; trl's
+default, which its configs turn on unless told otherwise); vocab 32000 in both. fusedlm and the transformers loop are timed
 in alternating rounds; trl's trainers run their own loop (a callback times each step) between
 them. The machine's load changes during a run: quote ratios of the same run.
 """
@@ -86,17 +87,17 @@ def _alternating(fns: dict, rounds: int, per_round: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-def _fusedlm_sft(model, sft, s):
+def _fusedlm_sft(model, sft, s, bf16):
     from fusedlm.training import Trainer, lm_loss
     from fusedlm.training.sft import sft_example
 
     data = [sft_example(p, r, eos_token_id=2) for p, r in sft]
     trainer = Trainer(model, lm_loss, data, batch_size=s["batch"], max_steps=10**9, lr=1e-5, schedule="constant",
-                      max_grad_norm=1.0, progress=False)
+                      max_grad_norm=1.0, bf16=bf16, progress=False)
     return trainer.train_step
 
 
-def _hf_sft(peer, sft, s):
+def _hf_sft(peer, sft, s, bf16):
     from fusedlm.training import pad_collate
     from fusedlm.training.sft import sft_example
 
@@ -104,7 +105,9 @@ def _hf_sft(peer, sft, s):
     opt = torch.optim.AdamW(peer.parameters(), lr=1e-5)
 
     def step():
-        peer(**batch).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = peer(**batch).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,32 +115,35 @@ def _hf_sft(peer, sft, s):
     return step
 
 
-def _fusedlm_dpo(model, pairs, s):
+def _fusedlm_dpo(model, pairs, s, bf16):
     from fusedlm.training import Trainer
     from fusedlm.training.dpo import DPO, frozen_copy
     from fusedlm.training.preference import preference_example
 
     data = [preference_example(p, c, r, eos_token_id=2) for p, c, r in pairs]
     trainer = Trainer(model, DPO(frozen_copy(model)), data, batch_size=s["batch"] // 2, max_steps=10**9, lr=1e-5,
-                      schedule="constant", max_grad_norm=1.0, progress=False)
+                      schedule="constant", max_grad_norm=1.0, bf16=bf16, progress=False)
     return trainer.train_step
 
 
+SPECIAL = {0: "<pad>", 1: "<unk>", 2: "<eos>"}  # never substrings of a word (special tokens match anywhere)
+
+
 def _tokenizer():
-    """A word-level tokenizer "t0" .. "t31999" -> 0 .. 31999 (t0 pad, t2 eos), built in memory."""
+    """A word-level tokenizer "t3" .. "t31999" -> 3 .. 31999 plus <pad> 0, <unk> 1, <eos> 2, built in memory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tk = Tokenizer(models.WordLevel(vocab={SPECIAL.get(i, f"t{i}"): i for i in range(V)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="t2", pad_token="t0", unk_token="t0")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 def _text(ids) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def _trl_steps(kind: str, peer, examples, s, steps: int) -> list[float] | str:
+def _trl_steps(kind: str, peer, examples, s, steps: int, bf16: bool) -> list[float] | str:
     """Step times (s) of trl's SFTTrainer / DPOTrainer on the same model, or why it could not run."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
@@ -161,7 +167,7 @@ def _trl_steps(kind: str, peer, examples, s, steps: int) -> list[float] | str:
     with tempfile.TemporaryDirectory() as out:
         common = dict(output_dir=out, report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True,
                       dataloader_num_workers=0, learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0,
-                      max_steps=steps, max_length=s["seq"])
+                      max_steps=steps, max_length=s["seq"], bf16=bf16)
         # completions start with a space: the word-level tokenizer then splits prompt + completion as each alone
         if kind == "sft":
             ds = Dataset.from_list([{"prompt": _text(p), "completion": " " + _text(r)} for p, r in examples])
@@ -177,6 +183,16 @@ def _trl_steps(kind: str, peer, examples, s, steps: int) -> list[float] | str:
     return timer.times[1:]  # the first step warms up
 
 
+def _trl_row(kind: str, peer, examples, s, steps: int, case: str, bf16: bool) -> list[Row]:
+    name = "trl SFTTrainer" if kind == "sft" else "trl DPOTrainer"
+    times = _trl_steps(kind, peer, examples, s, steps, bf16)
+    if isinstance(times, str):
+        print(f"{name} skipped: {times}")
+        return []
+    ms = 1e3 * statistics.median(times)
+    return [Row(SUITE, case, name, ms, {"tok_per_s": s["batch"] * s["seq"] / ms * 1e3})]
+
+
 def run(full: bool = False) -> list[Row]:
     s = _shape(full)
     ours, peer = _models(s)
@@ -184,32 +200,22 @@ def run(full: bool = False) -> list[Row]:
         print("transformers not installed: peers skipped")
     sft, pairs = _data(s, 64)
     tokens = s["batch"] * s["seq"]
-    tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} fp32"
     rounds, per_round, trl_steps = (3, 2, 6) if full else (3, 2, 5)
     rows = []
-
-    fns = {"fusedlm Trainer": _fusedlm_sft(copy.deepcopy(ours), sft, s)}
-    if peer is not None:
-        fns["transformers + AdamW loop"] = _hf_sft(copy.deepcopy(peer), sft, s)
-    for name, ms in _alternating(fns, rounds, per_round).items():
-        rows.append(Row(SUITE, f"SFT step, loss on the response half, {tag}", name, ms, {"tok_per_s": tokens / ms * 1e3}))
-    if peer is not None:
-        times = _trl_steps("sft", copy.deepcopy(peer), sft, s, trl_steps)
-        if isinstance(times, str):
-            print(f"trl SFTTrainer skipped: {times}")
-        else:
-            ms = 1e3 * statistics.median(times)
-            rows.append(Row(SUITE, f"SFT step, loss on the response half, {tag}", "trl SFTTrainer", ms, {"tok_per_s": tokens / ms * 1e3}))
-
-    case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
-    dpo_ms = _alternating({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s)}, rounds, per_round)
-    for name, ms in dpo_ms.items():
-        rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
-    if peer is not None:
-        times = _trl_steps("dpo", copy.deepcopy(peer), pairs, s, trl_steps)
-        if isinstance(times, str):
-            print(f"trl DPOTrainer skipped: {times}")
-        else:
-            ms = 1e3 * statistics.median(times)
-            rows.append(Row(SUITE, case, "trl DPOTrainer", ms, {"tok_per_s": tokens / ms * 1e3}))
+    for bf16 in (False, True) if full else (False,):
+        tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} {'bf16 autocast' if bf16 else 'fp32'}"
+        case = f"SFT step, loss on the response half, {tag}"
+        fns = {"fusedlm Trainer": _fusedlm_sft(copy.deepcopy(ours), sft, s, bf16)}
+        if peer is not None:
+            fns["transformers + AdamW loop"] = _hf_sft(copy.deepcopy(peer), sft, s, bf16)
+        for name, ms in _alternating(fns, rounds, per_round).items():
+            rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
+        if peer is not None:
+            rows += _trl_row("sft", copy.deepcopy(peer), sft, s, trl_steps, case, bf16)
+        case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
+        for name, ms in _alternating({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)},
+                                     rounds, per_round).items():
+            rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
+        if peer is not None:
+            rows += _trl_row("dpo", copy.deepcopy(peer), pairs, s, trl_steps, case, bf16)
     return rows

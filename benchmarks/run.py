@@ -25,6 +25,7 @@ SUITES = {
     "training": "bench_training",
     "peft": "bench_peft",
     "integrations": "bench_integrations",
+    "generation": "bench_generation",
 }
 
 

@@ -138,3 +138,41 @@ def test_processors_by_hand():
     assert no_repeat_ngram(scores, ids, 2).tolist() == scores.tolist()
     ids = torch.tensor([[0, 1, 2, 1]])  # last token 1: (1, 2) was seen -> 2 banned
     assert no_repeat_ngram(scores, ids, 2).tolist() == [[1.0, -1.0, float("-inf"), 0.5]]
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=2), dict(penalty_alpha=0.6, top_k=3),
+                                  dict(do_sample=True, top_k=20, num_return_sequences=2)])
+def test_mixed_lora_batch_equals_each_adapter_alone(mode):
+    """Row i of a mixed batch (adapter_ids) generates what the model with only adapter i generates."""
+    from fusedlm import peft
+
+    model = _model(DecoderLM, "llama-tiny")
+    peft.apply_lora(model, r=4, targets="all", name="a")
+    peft.apply_lora(model, r=2, targets=("q", "v"), name="b")
+    with torch.no_grad():  # B starts at zero (peft's init): give the adapters an effect
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.5 * torch.randn_like(p))
+    ids = _ids(3, 5, seed=3)
+    kw = dict(max_new_tokens=5, eos_token_id=[], **mode)
+    mixed = generate(model, ids, adapter_ids=torch.tensor([0, 1, -1]), generator=torch.Generator().manual_seed(0), **kw)
+    alone = [generate(model, ids, adapter_ids=torch.tensor([a] * 3), generator=torch.Generator().manual_seed(0), **kw)
+             for a in (0, 1, -1)]
+    per = mixed.shape[0] // 3  # rows per prompt
+    for r in range(3):
+        assert mixed[r * per:(r + 1) * per].tolist() == alone[r][r * per:(r + 1) * per].tolist()
+    assert alone[0].tolist() != alone[2].tolist()  # the adapters do change the output
+
+
+def test_prompt_tuned_model_generates_with_the_cache():
+    """A PromptModel (virtual tokens on the first call) generates what re-running it without a cache gives."""
+    from fusedlm import peft
+
+    pm = peft.apply_prompt_tuning(_model(DecoderLM, "llama-tiny"), n_virtual_tokens=4)
+    ids = _ids(2, 5)
+    out = generate(pm, ids, max_new_tokens=4, eos_token_id=[])
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, pm(seq).logits[:, -1:].argmax(-1)], 1)
+    assert out.tolist() == seq.tolist()

@@ -240,6 +240,22 @@ def test_dropout_in_training(fused_calls):
         assert any("dropout" in m for m in _fallback_warnings(record))
 
 
+def test_fused_mask_stays_2d_and_keeps_its_plan():
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    carrier = fl_transformers.fusedlm_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=mask)
+    assert carrier.shape == (2, 6) and carrier._dense is None  # no Nq x Nk mask for a causal pattern
+    assert carrier.plan.mode == "causal" and torch.equal(carrier.plan.key_padding_mask, mask)
+    assert carrier.contiguous() is carrier and carrier.to("cpu") is carrier
+    copy = carrier.clone()
+    assert isinstance(copy, fl_transformers.FusedMask) and copy.plan.mode == "causal"
+    assert type(carrier[:, 1:]) is torch.Tensor and type(carrier.float()) is torch.Tensor
+    model = make("llama")
+    q = torch.randn(2, 4, 6, 8)
+    with pytest.raises(ValueError, match="without its plan"):
+        fl_transformers.attention_forward(model.model.layers[0].self_attn, q, q, q, carrier.as_subclass(torch.Tensor))
+
+
 def test_mask_shape_mismatch_is_a_clear_error():
     model = make("llama")
     dense = fl_transformers.fusedlm_mask(batch_size=1, q_length=4, kv_length=4)
@@ -278,7 +294,7 @@ def test_plans_match_transformers_masks(case, padded):
                   mask_function=mask_function, attention_mask=attention_mask, local_size=window)
     want = sdpa_mask(**kwargs, allow_is_causal_skip=False).expand(b, 1, nq, nk)
     carrier = fl_transformers.fusedlm_mask(**kwargs)
-    assert torch.equal(carrier.as_subclass(torch.Tensor), want)
+    assert carrier.dim() == 2 and torch.equal(carrier.dense(), want)
     plan = carrier.plan
     if not expressible:
         assert plan.mode is None and "sliding window" in plan.reason

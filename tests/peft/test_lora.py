@@ -263,3 +263,29 @@ def test_bad_adapter_ids_and_names():
     with pytest.raises(ValueError, match="share their dropout"):
         lora_mod.lora_layers(m)[0][1].dropout["qv"] = 0.3
         m(ids, adapter_ids=torch.tensor([0, 1, 1]))
+
+
+@pytest.mark.parametrize("method", ["lora", "qv+prompt", "prefix", "adaptplora", "houlsby"])
+@pytest.mark.parametrize("name", ["llama-tiny", "t5-tiny"])
+@torch.no_grad()
+def test_disable_gives_the_base_model_for_every_method(method, name):
+    m = model(name)
+    ids, mask = batch()
+    base = run(m, ids, mask)
+    kw = {}
+    if method == "lora":
+        pm = peft.apply_lora(m, r=4, targets="all")
+    elif method == "qv+prompt":
+        pm = peft.apply_prompt_tuning(peft.apply_lora(m, r=4), n_virtual_tokens=3)
+    elif method == "prefix":
+        pm = peft.apply_prefix_tuning(m, n_virtual_tokens=3)
+    elif method == "adaptplora":
+        pm, kw = peft.apply_adaptplora(m, n_tasks=2, n_prompt_tokens=3), {"task_ids": torch.tensor([0, 1, 1])}
+    else:
+        pm = peft.apply_adapters(m, kind="houlsby")
+    randomize(pm, std=0.3)
+    randomize(pm, "adapter.up", std=0.3)
+    assert not torch.allclose(run(pm, ids, mask, **kw), base, atol=1e-3)
+    with peft.disable(pm):
+        assert_close(run(pm, ids, mask, **kw), base)
+    assert not torch.allclose(run(pm, ids, mask, **kw), base, atol=1e-3)  # back on after the block

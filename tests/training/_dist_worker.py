@@ -61,9 +61,18 @@ def run(mode: str, out: str, rank: int, world: int) -> None:
                 return greedy, sampled, logits
 
             single = run()
+            weights = os.path.join(out, f"{preset}.safetensors")
+            if rank == 0:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+            torch.distributed.barrier()
             distributed.tensor_parallel(model)
             tp = run()
+            model = distributed.load_tensor_parallel(model.config, weights)  # sharded from the file, never whole
+            loaded = run()
             result[preset] = {"greedy_equal": torch.equal(single[0], tp[0]), "sampled_equal": torch.equal(single[1], tp[1]),
+                              "loaded_equal": torch.equal(single[0], loaded[0]) and torch.equal(single[1], loaded[1]),
                               "max_logit_diff": (single[2] - tp[2]).abs().max().item(), "tokens": tp[0].tolist(),
                               "q_proj_local_rows": model.decoder.blocks[0].attn.q_proj.weight.to_local().shape[0]}
     with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:

@@ -1,6 +1,7 @@
 """torch.distributed with 2 gloo processes under torchrun (see _dist_worker.py): DDP gives the
 parameters of one process on the same global batch, FSDP2 trains, shards, checkpoints and
-resumes, tensor-parallel generation gives the single-process tokens."""
+resumes, tensor-parallel generation gives the single-process tokens (also when each rank loads
+only its shards from a file)."""
 import json
 import os
 import subprocess
@@ -78,7 +79,7 @@ def test_tensor_parallel_generation_gives_the_single_process_tokens(runs):
     for preset in ("llama-tiny", "gpt2-tiny"):
         for r in ranks:
             res = r[preset]
-            assert res["greedy_equal"] and res["sampled_equal"], (preset, r["rank"])
+            assert res["greedy_equal"] and res["sampled_equal"] and res["loaded_equal"], (preset, r["rank"])
             assert res["max_logit_diff"] < 1e-5
             assert res["q_proj_local_rows"] == 64 // 2  # each rank holds half the query heads
         assert ranks[0][preset]["tokens"] == ranks[1][preset]["tokens"]

@@ -108,8 +108,12 @@ def beam_search(step: ModelStep, prompt: torch.Tensor, *, max_new_tokens: int, p
         best_possible = running_scores[:, :1] / (length**length_penalty)
         worst = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], NEG)
         can_improve = can_improve & (best_possible > worst).any(-1, keepdim=True)
-        go_on = bool(can_improve.any()) and not (bool(is_finished.all()) and early_stopping is True) and not bool(ends.all())
-        if not go_on or cur + 1 >= max_length:
+        if cur + 1 >= max_length:
+            break
+        go_on = can_improve.any() & ~ends.all()
+        if early_stopping is True:
+            go_on &= ~is_finished.all()
+        if not bool(go_on):  # the one host sync of a step
             break
         step.reorder(running_src[:, :, t].reshape(-1))
         logits, _ = step(running[:, :, cur].reshape(-1, 1))

@@ -27,6 +27,10 @@ class MaskPlan:
     key_padding_mask: torch.Tensor | None = None  # bool [B, keys], True = visible; None = all
     reason: str | None = None
 
+    def to(self, device) -> "MaskPlan":
+        kpm = None if self.key_padding_mask is None else self.key_padding_mask.to(device)
+        return dataclasses.replace(self, key_padding_mask=kpm)
+
     def dense(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The bool mask ``[B, 1, Nq, Nk]`` this plan stands for (what it is checked against)."""
         out = torch.zeros(batch_size, 1, self.q_length, self.kv_length, dtype=torch.bool, device=device)

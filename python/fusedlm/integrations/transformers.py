@@ -7,10 +7,11 @@
 
 :func:`register` adds "fusedlm" to transformers' ``AttentionInterface`` (the attention function)
 and ``AttentionMaskInterface`` (the mask function; without it a custom name receives
-``attention_mask=None`` and padding is lost). The mask function builds, once per forward, the same
-bool mask ``[B, 1, Nq, Nk]`` transformers' sdpa path uses, and attaches to it a
-:class:`~._masks.MaskPlan`: the mask kind and the ``[B, Nk]`` key padding, read from what
-transformers passes (its mask function, offsets and 2-D padding), never from a dense bias. Each
+``attention_mask=None`` and padding is lost). The mask function returns, once per forward, a
+:class:`FusedMask`: the 2-D padding mask carrying a :class:`~._masks.MaskPlan`, the mask kind and
+the ``[B, Nk]`` key padding read from what transformers passes (its mask function, offsets and
+2-D padding), never a dense bias and, for causal and bidirectional masks, no ``Nq x Nk`` mask at
+all (a sliding window or a composed pattern is read off transformers' own dense mask). Each
 attention layer then runs ``ops.attention`` with that plan: causal or bidirectional, padding, GQA
 on the key/value heads as they are (no ``repeat_kv``), the KV cache, T5-style ``position_bias`` as
 ``bias``.
@@ -56,15 +57,41 @@ def register() -> None:
 
 
 class FusedMask(torch.Tensor):
-    """transformers' dense bool mask ``[B, 1, Nq, Nk]`` (True = visible), carrying ``plan``.
+    """What the "fusedlm" mask function hands the layers: transformers' 2-D padding mask
+    ``[B, kv_offset + kv_length]`` (True = real token; all True without padding), as bool, carrying
+    ``plan`` (the :class:`~._masks.MaskPlan` the layers run) and what :meth:`dense` needs.
 
-    Any torch op on it returns a plain tensor (the plan does not follow a changed mask); the ones
-    transformers applies on the way to the layers (``.contiguous()``, ``.to()`` on the same
-    device) return the object itself. A mask that lost its plan is still a correct mask.
+    Like flash-attention's mask in transformers it stays 2-D: no ``Nq x Nk`` mask is built for a
+    causal or bidirectional pattern. ``.to()``, ``.contiguous()`` and ``.clone()`` keep the plan
+    (moved along); any other op returns a plain tensor. Handed back to transformers (a static
+    cache's masks are made once per step and passed in again) it reads as the padding mask it is.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
     plan: _masks.MaskPlan
+    _mask_kwargs: dict
+    _dense: torch.Tensor | None = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if (func in _KEEPS_PLAN and isinstance(source, FusedMask) and isinstance(out, torch.Tensor)
+                and out.dtype == torch.bool and out.shape == source.shape and out is not source):
+            out = out.as_subclass(cls)
+            out.plan, out._mask_kwargs = source.plan.to(out.device), source._mask_kwargs
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """transformers' own sdpa mask for the same call, bool ``[B, 1, Nq, Nk]`` (for fallbacks; built once)."""
+        if self._dense is None:
+            kw = self._mask_kwargs
+            dense = sdpa_mask(**kw, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+            self._dense = dense.expand(kw["batch_size"], 1, kw["q_length"], kw["kv_length"])
+        return self._dense
+
+
+_KEEPS_PLAN = {torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.clone, torch.Tensor.cpu, torch.Tensor.cuda}
 
 
 def _padding(attention_mask: torch.Tensor | None, kv_length: int, kv_offset: int) -> torch.Tensor | None:
@@ -81,19 +108,22 @@ def fusedlm_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                  mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
                  local_size: int | None = None, use_vmap: bool = False, device="cpu", **kwargs) -> FusedMask:
     """transformers' mask-interface function for "fusedlm" (arguments as ``masking_utils.sdpa_mask``)."""
-    dense = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                      local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                      use_vmap=use_vmap, device=device)
-    dense = dense.expand(batch_size, 1, q_length, kv_length).contiguous().as_subclass(FusedMask)
+    mask_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                       kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                       local_size=local_size, use_vmap=use_vmap, device=device)
+    if attention_mask is None:
+        carrier = torch.ones(batch_size, kv_offset + kv_length, dtype=torch.bool, device=device).as_subclass(FusedMask)
+    else:
+        carrier = attention_mask.to(torch.bool).as_subclass(FusedMask)  # a new object, sharing the storage
+    carrier._mask_kwargs = mask_kwargs
     diag = int(q_offset) - int(kv_offset)  # a static cache passes q_offset as a tensor
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         kind = "causal" if mask_function is causal_mask_function else "bidirectional"
-        dense.plan = _masks.lower(kind, q_length, kv_length, _padding(attention_mask, kv_length, kv_offset),
-                                  batch_size=batch_size, diag=diag)
-    else:  # a sliding window, or a pattern transformers composed: read it off the mask
-        dense.plan = _masks.recover(dense, diag=diag, window=local_size)
-    return dense
+        carrier.plan = _masks.lower(kind, q_length, kv_length, _padding(attention_mask, kv_length, kv_offset),
+                                    batch_size=batch_size, diag=diag)
+    else:  # a sliding window, or a pattern transformers composed: read it off transformers' own mask
+        carrier.plan = _masks.recover(carrier.dense(), diag=diag, window=local_size)
+    return carrier
 
 
 # The last few 4-D masks a user handed transformers as they are, with their plans (every layer
@@ -119,7 +149,13 @@ def _plan_for(attention_mask, module, query: torch.Tensor, key: torch.Tensor, is
     if attention_mask is None:  # as transformers' sdpa: causal (top-left) for several queries of a causal module
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         return _masks.lower("causal" if causal and nq > 1 else "bidirectional", nq, nk, None, batch_size=b)
-    plan = attention_mask.plan if isinstance(attention_mask, FusedMask) else _user_plan(attention_mask, nq, nk)
+    if isinstance(attention_mask, FusedMask):
+        plan = attention_mask.plan
+    elif attention_mask.dim() == 4:
+        plan = _user_plan(attention_mask, nq, nk)
+    else:
+        raise ValueError(f"a {attention_mask.dim()}-D attention mask reached the fusedlm attention without its plan "
+                         "(was the mask function's output replaced by a copy?); masks are 4-D or fusedlm's own")
     if plan.mode is not None and (plan.q_length, plan.kv_length) != (nq, nk):
         raise ValueError(f"the attention mask was built for {plan.q_length} queries x {plan.kv_length} keys, "
                          f"but the layer has {nq} queries x {nk} keys")
@@ -143,7 +179,7 @@ def _unsupported(query, key, value, dropout: float, kwargs) -> tuple[str, str] |
 
 
 def _fallback(target: str, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    plain = None if attention_mask is None else attention_mask.as_subclass(torch.Tensor)
+    plain = attention_mask.dense() if isinstance(attention_mask, FusedMask) else attention_mask
     if target == "sdpa":
         return sdpa_attention_forward(module, query, key, value, plain, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

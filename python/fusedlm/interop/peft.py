@@ -226,9 +226,7 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
     state.adapters[name] = lora_mod.LoraConfig(name, int(config.get("r", 8)), alpha0, float(config.get("lora_dropout", 0.0)),
                                                rslora, targets)
     for path, a, b, s in plan:
-        layer = _layer(inner, path, state)
-        layer.set_weights(name, a, b, s)
-        layer.dropout[name] = float(config.get("lora_dropout", 0.0))
+        _layer(inner, path, state).set_weights(name, a, b, s, float(config.get("lora_dropout", 0.0)))
     if state.active is None:
         state.active = name
     return model

@@ -48,12 +48,15 @@ class GatedLoraLinear(nn.Module):
         self.gate_logits = nn.Parameter(torch.zeros(n_tasks, device=device))
         self.register_buffer("gate_mask", torch.ones(n_tasks, device=device))
         self.r, self.scaling, self.dropout = r, scaling_of(r, alpha, rslora), dropout
+        self.peft_disabled = False
 
     def gates(self) -> torch.Tensor:
         """s_t for every task, float32 [T]."""
         return torch.sigmoid(self.gate_logits) * self.gate_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.peft_disabled:
+            return self.base_layer(x)
         ids = current_routing().task_ids
         if ids is None:
             raise ValueError("an AdaPtLoRA layer needs task_ids [B] (run the model through its AdaPtLoRAModel, or pass task_ids=)")

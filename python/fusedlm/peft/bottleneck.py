@@ -36,9 +36,10 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.peft_disabled = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
+        return h if self.peft_disabled else h + self.up(self.act(self.down(h)))
 
 
 def _run_adapter(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class LoraState:
     def __init__(self):
         self.adapters: dict[str, LoraConfig] = {}
         self.active: str | None = None
-        self.disabled = False
+        self.peft_disabled = False
         self._checked: torch.Tensor | None = None  # the last adapter_ids validated (one check per forward)
 
     def index(self, name: str) -> int:
@@ -125,28 +125,27 @@ class LoraLinear(nn.Module):
             return base.weight.device, base.weight_dtype
         return base.weight.device, base.weight.dtype
 
-    def add(self, config: LoraConfig) -> None:
-        """Adds adapter `config.name` (A kaiming-uniform a=sqrt(5), B zero: the output is unchanged)."""
+    def _new(self, name: str, r: int) -> tuple[nn.Linear, nn.Linear]:
         device, dtype = self._param_like()
-        a = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)
-        b = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        nn.init.zeros_(b.weight)
-        self.lora_A[config.name], self.lora_B[config.name] = a, b
-        self.r[config.name], self.scaling[config.name], self.dropout[config.name] = config.r, config.scaling, config.dropout
-
-    def set_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Replaces adapter `name` by A ``[r, K]``, B ``[N, r]`` and scale `scaling` (loading a file)."""
-        device, dtype = self._param_like()
-        r = a.shape[0]
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        with torch.no_grad():
-            self.lora_A[name].weight.copy_(a)
-            self.lora_B[name].weight.copy_(b)
-        self.r[name], self.scaling[name] = r, float(scaling)
-        self.dropout.setdefault(name, 0.0)
         self._stack_cache = None
+        return self.lora_A[name], self.lora_B[name]
+
+    def add(self, config: LoraConfig) -> None:
+        """Adds adapter `config.name` (A kaiming-uniform a=sqrt(5), B zero: the output is unchanged)."""
+        a, b = self._new(config.name, config.r)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.r[config.name], self.scaling[config.name], self.dropout[config.name] = config.r, config.scaling, config.dropout
+
+    def set_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0) -> None:
+        """Sets adapter `name` to A ``[r, K]``, B ``[N, r]``, scale `scaling` (loading a file)."""
+        lin_a, lin_b = self._new(name, a.shape[0])
+        with torch.no_grad():
+            lin_a.weight.copy_(a)
+            lin_b.weight.copy_(b)
+        self.r[name], self.scaling[name], self.dropout[name] = a.shape[0], float(scaling), dropout
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s · B A ``[N, K]`` of adapter `name`, computed in float32."""
@@ -155,7 +154,7 @@ class LoraLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state
-        if state.disabled:
+        if state.peft_disabled:
             return self.base_layer(x)
         ids = current_routing().adapter_ids
         if ids is not None:
@@ -331,15 +330,24 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def disable(model: nn.Module):
-    """Inside the block the model runs without any adapter (the base model)."""
-    state = _require(model)
-    if any(layer.merged for _, layer in lora_layers(model)):
+    """Inside the block `model` runs as its base model: every PEFT method on it is off (LoRA layers,
+    AdaPtLoRA gates, a PromptModel's virtual tokens, bottleneck adapters: each module of these
+    methods has a ``peft_disabled`` flag; LoRA layers share theirs through their LoraState)."""
+    layers = lora_layers(model)
+    if any(layer.merged for _, layer in layers):
         raise ValueError("an adapter is merged into the base weights: peft.unmerge(model) before disabling adapters")
-    previous, state.disabled = state.disabled, True
+    flagged = list({id(x): x for x in [layer._state for _, layer in layers]
+                    + [m for m in model.modules() if hasattr(m, "peft_disabled")]}.values())
+    if not flagged:
+        raise ValueError(f"this {type(model).__name__} has no PEFT method applied (nothing to disable)")
+    previous = [x.peft_disabled for x in flagged]
+    for x in flagged:
+        x.peft_disabled = True
     try:
         yield model
     finally:
-        state.disabled = previous
+        for x, p in zip(flagged, previous):
+            x.peft_disabled = p
 
 
 def merge(model: nn.Module, name: str | None = None) -> None:

@@ -133,6 +133,7 @@ class PromptModel(nn.Module):
         self.n_virtual_tokens = n_virtual_tokens
         self.seq2seq = isinstance(model, Seq2SeqLM)
         self.n_submodules = 2 if self.seq2seq else 1  # peft's num_transformer_submodules
+        self.peft_disabled = False  # peft.disable(): the wrapped model alone
 
     def __getattr__(self, name: str):
         try:
@@ -160,7 +161,7 @@ class PromptModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int):
         """The wrapped model's cache, with room for the P virtual tokens where they go into it."""
-        extra = 0 if self.seq2seq and self.method != "prefix_tuning" else self.n_virtual_tokens
+        extra = 0 if self.peft_disabled or (self.seq2seq and self.method != "prefix_tuning") else self.n_virtual_tokens
         return self.model.new_cache(batch, max_len + extra)
 
     # ---- forward --------------------------------------------------------------------------------
@@ -171,6 +172,8 @@ class PromptModel(nn.Module):
         return x, _cat_mask(attention_mask, b, n, self.n_virtual_tokens, x.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> ModelOutput:
+        if self.peft_disabled:
+            return self.model(input_ids, **kwargs)
         if self.seq2seq:
             return self._seq2seq(input_ids, **kwargs)
         p = self.n_virtual_tokens
@@ -197,7 +200,7 @@ class PromptModel(nn.Module):
 
     def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, **kwargs) -> torch.Tensor:
         """Seq2SeqLM: the encoder output (B, [P +] M, d), the virtual tokens first (prompt methods)."""
-        if self.method == "prefix_tuning":
+        if self.method == "prefix_tuning" or self.peft_disabled:
             return self.model.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **kwargs)
         x, mask = self._prepend(input_ids, inputs_embeds, attention_mask)
         return self.model.encode(inputs_embeds=x, attention_mask=mask, **kwargs)

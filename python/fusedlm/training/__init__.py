@@ -46,6 +46,9 @@ fusedlm.training`` is the small CLI in __main__.py; your own script works the sa
 Tensor parallelism (``distributed.tensor_parallel(model)``) shards q/k/v and gate/up column-wise,
 o and down row-wise (one all-reduce after each: two per block) with
 ``torch.distributed.tensor.parallel``; generation then runs unchanged on every rank.
+``distributed.load_tensor_parallel(config, "model.safetensors")`` builds the model on the meta
+device, shards it and reads each rank's slices from the file (what ``generate --tp --weights``
+does), so no rank ever holds the whole model.
 """
 from . import checkpoint, data, distributed, dpo, losses, objectives, ppo, preference, reward, sft
 from .data import Loader, pad_collate

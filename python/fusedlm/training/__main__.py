@@ -65,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rank, world = distributed.init()
-    model = _model(args)
-    if args.weights:
+    if args.command == "generate" and args.tp and args.weights and not args.hf:
+        from ..models import get_config
+
+        model = distributed.load_tensor_parallel(get_config(args.preset), args.weights)  # each rank reads its shards
+    else:
+        model = _model(args)
+    if args.weights and not (args.command == "generate" and args.tp and not args.hf):
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(args.weights), strict=False)
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..generation import generate
 
         model.eval()
-        if args.tp:
+        if args.tp and not args.weights:
             distributed.tensor_parallel(model)
         prompt = torch.tensor([r["input_ids"][: args.seq // 2].tolist() for r in _rows(args, model.config.vocab_size)[:2]])
         ids = generate(model, prompt, max_new_tokens=args.max_new_tokens)

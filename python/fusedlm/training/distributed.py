@@ -153,3 +153,37 @@ def tensor_parallel(model: nn.Module, world_size: int | None = None) -> nn.Modul
 
     model.new_cache = new_cache
     return model
+
+
+def load_tensor_parallel(config, weights: str) -> nn.Module:
+    """A DecoderLM built on the meta device, sharded by :func:`tensor_parallel`, then filled from
+    `weights` (a fusedlm model.safetensors, e.g. a Trainer checkpoint's): each rank reads only its
+    own slice of every sharded projection, so no rank ever holds the whole model."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    from ..models import build
+
+    with torch.device("meta"):
+        model = build(config)
+    tensor_parallel(model)
+    model.to_empty(device=_device_type())
+    rank, w = dist.get_rank(), dist.get_world_size()
+    with safe_open(weights, framework="pt") as f, torch.no_grad():
+        names = set(f.keys())
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in names:
+                raise ValueError(f"{weights} has no tensor {name!r}: a tensor-parallel load needs the model's full state dict")
+            if isinstance(t, DTensor):
+                (placement,) = t.placements
+                local = t.to_local()
+                if isinstance(placement, Shard):
+                    n = t.shape[placement.dim] // w
+                    index = [slice(None)] * t.dim()
+                    index[placement.dim] = slice(rank * n, (rank + 1) * n)
+                    local.copy_(f.get_slice(name)[tuple(index)])
+                else:
+                    local.copy_(f.get_tensor(name))
+            else:
+                t.copy_(f.get_tensor(name))
+    return model.eval()

@@ -94,6 +94,17 @@ def count_tokens(batch: Any) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with its tensors (in dicts, lists, tuples) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def _split(out) -> tuple[torch.Tensor, dict]:
     if isinstance(out, tuple):
         loss, metrics = out
@@ -130,7 +141,8 @@ class Trainer:
                                  rank=self.rank, world_size=self.world_size)
         self.step = 0
         self.history: list[dict] = []
-        self._device_type = next(self.model.parameters()).device.type
+        self.device = next(self.model.parameters()).device
+        self._device_type = self.device.type
 
     # -----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -157,7 +169,7 @@ class Trainer:
         cfg = self.config
         start, tokens, loss_sum, sums = time.perf_counter(), 0, 0.0, {}
         for micro in range(cfg.grad_accum):
-            batch = next(self.loader)
+            batch = to_device(next(self.loader), self.device)
             tokens += count_tokens(batch)
             with self._no_sync(micro == cfg.grad_accum - 1):
                 with self._autocast():
@@ -240,6 +252,7 @@ class Trainer:
         n = 0
         for batch in eval_batches(self.eval_data, cfg.eval_batch_size or cfg.batch_size, self.collate, rank=self.rank,
                                   world_size=self.world_size, max_batches=cfg.eval_max_batches):
+            batch = to_device(batch, self.device)
             with self._autocast():
                 loss, metrics = _split(self.loss_fn(self.model, batch))
             for k, v in {"loss": loss, **metrics}.items():
