@@ -153,7 +153,7 @@ def train_dpo(ctx: Context, sec: Section, sft_model, pairs):
     before = margins()
     fit(ctx, policy, stage, data, steps=ctx.sizes.dpo_steps, lr=1e-4, salt=8, collate=pad_collate)
     after = margins()
-    sec.text.append(f"**DPO** (`training.dpo.DPO`, sigmoid loss, beta 0.1, a frozen copy of the SFT model as the "
+    sec.text.append("**DPO** (`training.dpo.DPO`, sigmoid loss, beta 0.1, a frozen copy of the SFT model as the "
                     "reference) on the same pairs: the implicit-reward margin beta·(log-ratio of chosen − of rejected).")
     sec.check("DPO: chosen-minus-rejected margin, training pairs", before["training"], after["training"], "up")
     for k in list(pairs)[1:]:

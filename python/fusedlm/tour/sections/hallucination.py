@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tqdm.auto import tqdm
+
 from ..context import Context
 from ..report import Section, Table, plot
 
@@ -28,12 +30,12 @@ class Outcome:
     supported: bool | None = None  # fact-check verdict, when checked
 
 
-def ask(ctx: Context, model, qas, retriever=None, **generate_kwargs) -> list[Outcome]:
+def ask(ctx: Context, model, qas, retriever=None, desc: str = "answer", **generate_kwargs) -> list[Outcome]:
     """grounding.answer for each question (no threshold: the confidence is kept for abstention)."""
     from ...generation import grounding
 
     out = []
-    for q in qas:
+    for q in tqdm(qas, desc=desc, leave=False):
         a = grounding.answer(model, ctx.tok, q.question, retriever=retriever, k=ctx.sizes.k_passages, max_new_tokens=6,
                              pad_token_id=ctx.tok.pad_id, **generate_kwargs)
         out.append(Outcome(a.answer.strip(), a.confidence, a.answer.strip() == q.answer))
@@ -89,10 +91,10 @@ def run(ctx: Context) -> Section:
     for i, (name, kw) in enumerate(runs.items()):
         if kw.get("do_sample"):
             kw = dict(kw, generator=ctx.generator(300 + i))
-        outcomes[name] = {split: ask(ctx, model, qas, **kw) for split, qas in tests.items()}
+        outcomes[name] = {split: ask(ctx, model, qas, desc=f"{name}, {split}", **kw) for split, qas in tests.items()}
     thresholds = {}
     for name in ("greedy", "RAG BM25"):
-        held = ask(ctx, model, valid, retriever=runs[name]["retriever"])
+        held = ask(ctx, model, valid, retriever=runs[name]["retriever"], desc=f"{name}, calibration")
         thresholds[name] = grounding.calibrate_threshold([o.confidence for o in held], [o.right for o in held],
                                                          target_precision=TARGET_PRECISION)
         for split, qas in tests.items():
