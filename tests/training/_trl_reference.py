@@ -124,7 +124,8 @@ def ppo_inputs(seed: int = 0, batch: int = 5, steps: int = 7):
                 vpred=torch.randn(batch, steps, generator=g))
 
 
-def trl_ppo(inp: dict, *, kl_estimator: str, kl_coef=0.05, gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2):
+def trl_ppo(inp: dict, *, kl_estimator: str, whiten_rewards=False, kl_coef=0.05, gamma=1.0, lam=0.95, cliprange=0.2,
+            cliprange_value=0.2):
     """trl 1.12 PPOTrainer.train from "be very careful with padding_mask_p1" to the PPO losses,
     with masked_whiten / masked_mean imported from trl 1.12 itself."""
     from trl.experimental.ppo.ppo_trainer import INVALID_LOGPROB, masked_mean, masked_whiten
@@ -147,6 +148,9 @@ def trl_ppo(inp: dict, *, kl_estimator: str, kl_coef=0.05, gamma=1.0, lam=0.95, 
     actual_start = torch.arange(rewards.size(0), device=rewards.device)
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
     rewards[actual_start, actual_end] += scores
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask=~padding_mask_p1, shift_mean=False)
+        rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
     lastgaelam = 0
     advantages_reversed = []
     gen_length = responses.shape[1]
@@ -195,7 +199,8 @@ def main(part: str) -> None:
         inp = ppo_inputs()
         data["ppo"] = {"trl": trl_version(), "inputs": {k: v.tolist() for k, v in inp.items()},
                        "k1": {k: _tolist(v) for k, v in trl_ppo(inp, kl_estimator="k1").items()},
-                       "k3": {k: _tolist(v) for k, v in trl_ppo(inp, kl_estimator="k3").items()}}
+                       "k3": {k: _tolist(v) for k, v in trl_ppo(inp, kl_estimator="k3").items()},
+                       "k1-whiten_rewards": {k: _tolist(v) for k, v in trl_ppo(inp, kl_estimator="k1", whiten_rewards=True).items()}}
     else:
         raise SystemExit(f"usage: {sys.argv[0]} dpo|ppo")
     FIXTURE.parent.mkdir(exist_ok=True)

@@ -82,14 +82,14 @@ def test_reward_loss_equals_trl_live(center):
 
 
 # --------------------------------------------------------------------------------------------- PPO (trl 1.12)
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_rollout_advantages_and_ppo_losses_equal_trl_1_12(estimator):
+@pytest.mark.parametrize("case", ["k1", "k3", "k1-whiten_rewards"])
+def test_rollout_advantages_and_ppo_losses_equal_trl_1_12(case):
     inp = {k: T(v) for k, v in FIX["ppo"]["inputs"].items()}
-    expected = {k: T(v) for k, v in FIX["ppo"][estimator].items()}
+    expected = {k: T(v) for k, v in FIX["ppo"][case].items()}
     steps = inp["logprobs"].shape[1]
     response_mask = torch.arange(steps)[None] <= inp["sequence_lengths"][:, None]
     out = rollout_advantages(inp["logprobs"], inp["ref_logprobs"], inp["values"], inp["scores"], response_mask,
-                             kl_estimator=estimator)
+                             kl_estimator=case[:2], whiten_rewards=case.endswith("whiten_rewards"))
     torch.testing.assert_close(out["kl"], expected["kl"] * response_mask)
     torch.testing.assert_close(out["rewards"], expected["rewards"])
     torch.testing.assert_close(out["returns"], expected["returns"])

@@ -47,6 +47,11 @@ def test_rollouts_are_on_policy_and_truncated_at_the_stop_token():
     loss, metrics = ppo.PPOLoss(cfg)(model, {**{k: v[:16] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}})
     assert metrics["policy/approxkl"] < 1e-10 and metrics["val/ratio"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["policy/clipfrac"] == 0.0 and torch.isfinite(loss)
+    # trl's rollout metrics: rlhf_reward = scores + non-score reward; entropy = -sum of the sampled log-probs
+    s = rollouts.stats
+    assert s["objective/rlhf_reward"] == pytest.approx(s["objective/scores"] + s["objective/non_score_reward"])
+    assert s["objective/entropy"] == pytest.approx((-batch["logprobs"] * m).sum(1).mean().item(), rel=1e-6)
+    assert s["val/num_eos_tokens"] == int((r == EOS).sum()) and metrics["policy/entropy"] > 0
 
 
 def test_ppo_raises_the_mean_reward():
@@ -57,6 +62,18 @@ def test_ppo_raises_the_mean_reward():
     assert len(per_update) == 20 and rollouts.updates == 20
     first, last = sum(per_update[:3]) / 3, sum(per_update[-5:]) / 5
     assert last > 3 * first and last > 0.07  # chance: 1/64 per token
+
+
+def test_ppo_resume_is_exact(tmp_path):
+    """Saved mid-batch of rollouts (8 optimizer steps per batch): the resumed run trains on the
+    queued mini-batches, then samples the same next batch."""
+    kw = dict(max_steps=12, lr=3e-3, schedule="constant", max_grad_norm=None, progress=False)
+    model, rollouts, cfg = _setup()
+    full = Trainer(model, ppo.PPOLoss(cfg), rollouts, out_dir=str(tmp_path), save_every=6, **kw).fit()
+    model, rollouts, cfg = _setup()
+    hist = Trainer(model, ppo.PPOLoss(cfg), rollouts, **kw).fit(resume_from=str(tmp_path / "checkpoint-6"))
+    assert [r["step"] for r in hist] == list(range(7, 13)) and rollouts.updates == 2
+    assert [r["loss"] for r in hist] == [r["loss"] for r in full[6:]]  # bit for bit
 
 
 @pytest.mark.slow

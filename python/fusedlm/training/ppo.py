@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..models.layers import token_logprobs
 from . import distributed, losses
 from .reward import RewardModel
 
@@ -82,11 +83,6 @@ class PolicyAndValue(nn.Module):
         logits = self.policy.head(h[:, response_start - 1 : -1]).float() / (temperature + 1e-7)
         values = self.value_model.values(input_ids, attention_mask=attention_mask)[:, response_start - 1 : -1]
         return logits, values
-
-
-def _response_logprobs(logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """log p(response token) (B, T) from logits (B, T, V)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, responses[..., None]).squeeze(-1)
 
 
 def _response_mask(responses: torch.Tensor, stop_token_id: int | None) -> torch.Tensor:
@@ -162,10 +158,13 @@ class PPORollouts:
         return self._queue.pop(0)
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "generator": self.generator.get_state()}
+        """The sampler's state and the mini-batches not yet trained on: a run resumed mid-batch of
+        rollouts continues with the same mini-batches (an exact resume)."""
+        return {"updates": self.updates, "generator": self.generator.get_state(), "queue": list(self._queue),
+                "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.updates, self._queue = state["updates"], []
+        self.updates, self._queue, self.stats = state["updates"], list(state["queue"]), dict(state["stats"])
         self.generator.set_state(state["generator"])
 
     def _queries(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +197,7 @@ class PPORollouts:
         responses = responses.masked_fill(~response_mask, cfg.pad_token_id)  # trl's truncate_response
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         logits, values = inner(ids, attention_mask=mask, response_start=c, temperature=cfg.temperature)
-        logprobs = _response_logprobs(logits, responses)
+        logprobs = token_logprobs(logits, responses)
         if self.ref_policy is not None:
             ref_logits = self.ref_policy(ids, attention_mask=mask).logits[:, c - 1 : -1].float()
         else:
@@ -206,7 +205,7 @@ class PPORollouts:
 
             with peft.disable(policy):
                 ref_logits = policy(ids, attention_mask=mask).logits[:, c - 1 : -1].float()
-        ref_logprobs = _response_logprobs(ref_logits / (cfg.temperature + 1e-7), responses)
+        ref_logprobs = token_logprobs(ref_logits / (cfg.temperature + 1e-7), responses)
         scores = self.reward_model(ids, attention_mask=mask).float()
         if cfg.missing_eos_penalty is not None and cfg.stop_token_id is not None:
             scores = scores - cfg.missing_eos_penalty * (~(responses == cfg.stop_token_id).any(1)).float()
@@ -214,8 +213,11 @@ class PPORollouts:
                                  kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards)
         inner.train(was_training)
         self.updates += 1
+        non_score = (-cfg.kl_coef * out["kl"]).sum(1).mean().item()
         self.stats = {"objective/scores": scores.mean().item(), "objective/kl": out["kl"].sum(1).mean().item(),
-                      "objective/non_score_reward": (-cfg.kl_coef * out["kl"]).sum(1).mean().item()}
+                      "objective/non_score_reward": non_score, "objective/rlhf_reward": non_score + scores.mean().item(),
+                      "objective/entropy": (-logprobs * response_mask).sum(1).mean().item(),
+                      "val/num_eos_tokens": 0 if cfg.stop_token_id is None else int((responses == cfg.stop_token_id).sum())}
         return {"input_ids": ids, "attention_mask": mask, "responses": responses, "logprobs": logprobs,
                 "values": values.masked_fill(~out["value_mask"], 0), "advantages": out["advantages"],
                 "returns": out["returns"], "response_mask": response_mask, "value_mask": out["value_mask"],
@@ -238,7 +240,8 @@ class PPORollouts:
 class PPOLoss:
     """The PPO stage's loss on a mini-batch of rollouts: clipped policy loss + vf_coef x the
     clipped value loss; metrics as trl logs them (policy/approxkl, policy/clipfrac, loss/policy,
-    loss/value, val/clipfrac, val/ratio, objective/scores of the rollouts, ...)."""
+    loss/value, val/clipfrac, val/ratio, policy/entropy (over the real response tokens; trl averages
+    padding in too), and the rollouts' objective/scores, objective/kl, objective/rlhf_reward, ...)."""
 
     def __init__(self, config: PPOConfig | None = None):
         self.config = config or PPOConfig()
@@ -247,7 +250,7 @@ class PPOLoss:
         cfg = self.config
         logits, vpred = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                               response_start=batch["response_start"], temperature=cfg.temperature)
-        new_logprobs = _response_logprobs(logits, batch["responses"])
+        new_logprobs = token_logprobs(logits, batch["responses"])
         value_mask, response_mask = batch["value_mask"], batch["response_mask"]
         vpred = vpred.masked_fill(~value_mask, 0)
         vf_loss, vf_clipfrac = losses.ppo_value_loss(vpred, batch["values"], batch["returns"], value_mask,
@@ -257,7 +260,9 @@ class PPOLoss:
         loss = pg_loss + cfg.vf_coef * vf_loss
         with torch.no_grad():
             diff = (new_logprobs - batch["logprobs"])[response_mask]
+            entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)  # (B, T)
             metrics = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), "policy/clipfrac": pg_clipfrac.item(),
                        "val/clipfrac": vf_clipfrac.item(), "policy/approxkl": 0.5 * (diff**2).mean().item(),
-                       "val/ratio": diff.exp().mean().item(), **batch.get("stats", {})}
+                       "policy/entropy": entropy[response_mask].mean().item(), "val/ratio": diff.exp().mean().item(),
+                       **batch.get("stats", {})}
         return loss, metrics
