@@ -170,6 +170,28 @@ def test_native_encoders_are_peft_modules(model_type, method, tmp_path):
             a = pm(input_ids=ids, attention_mask=left, labels=labels).loss
             b = ours(ids, attention_mask=left, labels=labels, position_ids=torch.arange(8).expand(3, 8)).loss
         assert abs(float(a) - float(b)) <= ATOL
+    peft_files.save_adapter(ours, str(tmp_path / "native"))  # peft saves the encoded tokens: so does fusedlm
+    again = hf_peft.PeftModel.from_pretrained(make(model_type, tmp_path / "base2"), str(tmp_path / "native")).eval()
+    assert _compare(model_type, again, ours, method) <= ATOL
+
+
+@pytest.mark.parametrize("model_type, method", _cases([("llama", "prompt"), ("gpt2", "prefix"), ("t5", "prompt")],
+                                                      [("llama", "prefix"), ("gpt2", "prompt"), ("t5", "prefix"), ("bart", "prefix")]))
+def test_native_tables_written_out_load_in_peft(model_type, method, tmp_path):
+    """fusedlm-made prompt tuning (token-id init) and prefix tuning written by save_adapter: peft loads
+    them onto the transformers model and gives the same outputs."""
+    make(model_type, tmp_path / "base")
+    model = hf.from_pretrained(str(tmp_path / "base"))
+    if method == "prompt":
+        ours = peft.apply_prompt_tuning(model, n_virtual_tokens=P, init_token_ids=[5, 11])
+    else:
+        ours = peft.apply_prefix_tuning(model, n_virtual_tokens=P)
+        _randomize(ours, std=1.0)
+    peft_files.save_adapter(ours, str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[method]
+    ref = hf_peft.PeftModel.from_pretrained(make(model_type, tmp_path / "base2"), str(tmp_path / "adapter")).eval()
+    assert _compare(model_type, ref, ours, method) <= ATOL
 
 
 def _lora_dir(tmp_path, **config_overrides):
@@ -235,3 +257,29 @@ def test_mixed_adapters_from_files_match_peft_adapter_names(tmp_path):
         a = pm(input_ids=ids, attention_mask=left, position_ids=pos, adapter_names=["one", "__base__", "two"]).logits
         b = ours(ids, attention_mask=left, adapter_ids=torch.tensor([0, -1, 1])).logits
     assert _maxdiff(a, b, left) <= ATOL
+
+
+def test_mixed_adapter_generation_equals_peft_generate_adapter_names(tmp_path):
+    """Greedy decoding of a left-padded mixed batch (adapter_ids, through the cache) gives the tokens
+    peft's generate(adapter_names=...) gives."""
+    from fusedlm.generation import generate
+
+    ref = make("llama", tmp_path / "base")
+    pm = hf_peft.get_peft_model(ref, hf_peft.LoraConfig(r=4, target_modules="all-linear"), adapter_name="one")
+    pm.add_adapter("two", hf_peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    _randomize(pm, std=1.0)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "adapters", selected_adapters=["one", "two"])
+    ours = hf.from_pretrained(str(tmp_path / "base"))
+    for name in ("one", "two"):
+        peft_files.load_adapter(ours, str(tmp_path / "adapters" / name), name=name)
+    ids, left, _, _, _ = _inputs("llama")
+    ids = ids.masked_fill(left == 0, 0)  # pad id 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = pm.generate(input_ids=ids, attention_mask=left, adapter_names=["two", "one", "__base__"], max_new_tokens=6,
+                        min_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = generate(ours, ids, attention_mask=left, adapter_ids=torch.tensor([1, 0, -1]), max_new_tokens=6, eos_token_id=[])
+    assert b.tolist() == a.tolist()
+    with torch.no_grad():  # the adapters do change the continuation
+        assert generate(ours, ids, attention_mask=left, max_new_tokens=6, eos_token_id=[]).tolist() != b.tolist()
