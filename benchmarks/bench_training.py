@@ -12,9 +12,9 @@ tokens; tok_per_s = B·N / step time):
 
 Shapes: the quick set uses 2 layers, d=256, N=128, B=4, fp32; ``--full`` the issue's 8 layers,
 d=512, 8 heads, d_ff=1408, N=512, B=4, in fp32 and in bf16 autocast (fp32 master weights; trl's
-default, which its configs turn on unless told otherwise); vocab 32000 in both. fusedlm and the transformers loop are timed
-in alternating rounds; trl's trainers run their own loop (a callback times each step) between
-them. The machine's load changes during a run: quote ratios of the same run.
+default, which its configs turn on unless told otherwise); vocab 32000 in both. Every implementation of a case is timed in
+alternating rounds (trl's trainers in their own loop: one train() per round, a callback times
+each step), so the ratios of a run are measured under the same machine load; quote those.
 """
 from __future__ import annotations
 
@@ -66,23 +66,29 @@ def _data(s: dict, n_examples: int):
     return sft, pairs
 
 
-def _time_steps(step, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
+def _stepper(step):
+    """A one-step function as a round function: n -> the n step times (s)."""
+    def run(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    run.warm_up = step
+    return run
 
 
 def _alternating(fns: dict, rounds: int, per_round: int) -> dict[str, float]:
-    """Median step time (ms) of each fn, timed in alternating rounds after one warm-up step each."""
+    """Median step time (ms) of each round function (n -> n step times), timed in alternating
+    rounds after one warm-up step each, so every implementation sees the same machine load."""
     for fn in fns.values():
-        fn()
+        fn.warm_up()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name] += _time_steps(fn, per_round)
+            times[name] += fn(per_round)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
@@ -94,7 +100,7 @@ def _fusedlm_sft(model, sft, s, bf16):
     data = [sft_example(p, r, eos_token_id=2) for p, r in sft]
     trainer = Trainer(model, lm_loss, data, batch_size=s["batch"], max_steps=10**9, lr=1e-5, schedule="constant",
                       max_grad_norm=1.0, bf16=bf16, progress=False)
-    return trainer.train_step
+    return _stepper(trainer.train_step)
 
 
 def _hf_sft(peer, sft, s, bf16):
@@ -112,7 +118,7 @@ def _hf_sft(peer, sft, s, bf16):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return _stepper(step)
 
 
 def _fusedlm_dpo(model, pairs, s, bf16):
@@ -123,7 +129,7 @@ def _fusedlm_dpo(model, pairs, s, bf16):
     data = [preference_example(p, c, r, eos_token_id=2) for p, c, r in pairs]
     trainer = Trainer(model, DPO(frozen_copy(model)), data, batch_size=s["batch"] // 2, max_steps=10**9, lr=1e-5,
                       schedule="constant", max_grad_norm=1.0, bf16=bf16, progress=False)
-    return trainer.train_step
+    return _stepper(trainer.train_step)
 
 
 SPECIAL = {0: "<pad>", 1: "<unk>", 2: "<eos>"}  # never substrings of a word (special tokens match anywhere)
@@ -143,8 +149,10 @@ def _text(ids) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def _trl_steps(kind: str, peer, examples, s, steps: int, bf16: bool) -> list[float] | str:
-    """Step times (s) of trl's SFTTrainer / DPOTrainer on the same model, or why it could not run."""
+def _trl(kind: str, peer, examples, s, bf16: bool, out: str):
+    """A round function running trl's SFTTrainer / DPOTrainer on the same model: each round is one
+    ``trainer.train()`` of n + 1 steps in trl's own loop (a callback times each step; the first
+    step of a round is dropped). Returns it, or why trl could not run (a str)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         import trl
@@ -154,8 +162,6 @@ def _trl_steps(kind: str, peer, examples, s, steps: int, bf16: bool) -> list[flo
         return f"not installed ({e.name})"
 
     class Timer(TrainerCallback):
-        times: list = []
-
         def on_step_begin(self, args, state, control, **kw):
             self.start = time.perf_counter()
 
@@ -163,34 +169,40 @@ def _trl_steps(kind: str, peer, examples, s, steps: int, bf16: bool) -> list[flo
             self.times.append(time.perf_counter() - self.start)
 
     timer = Timer()
-    timer.times = []
-    with tempfile.TemporaryDirectory() as out:
-        common = dict(output_dir=out, report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True,
-                      dataloader_num_workers=0, learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0,
-                      max_steps=steps, max_length=s["seq"], bf16=bf16)
-        # completions start with a space: the word-level tokenizer then splits prompt + completion as each alone
-        if kind == "sft":
-            ds = Dataset.from_list([{"prompt": _text(p), "completion": " " + _text(r)} for p, r in examples])
-            trainer = trl.SFTTrainer(model=peer, processing_class=_tokenizer(), train_dataset=ds, callbacks=[timer],
-                                     args=trl.SFTConfig(**common, per_device_train_batch_size=s["batch"]))
-        else:
-            ds = Dataset.from_list([{"prompt": _text(p), "chosen": " " + _text(c), "rejected": " " + _text(r)}
-                                    for p, c, r in examples])
-            trainer = trl.DPOTrainer(model=peer, ref_model=copy.deepcopy(peer).eval(), processing_class=_tokenizer(),
-                                     train_dataset=ds, callbacks=[timer],
-                                     args=trl.DPOConfig(**common, per_device_train_batch_size=s["batch"] // 2))
+    common = dict(output_dir=out, report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True,
+                  dataloader_num_workers=0, learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0,
+                  max_steps=2, max_length=s["seq"], bf16=bf16)
+    # completions start with a space: the word-level tokenizer then splits prompt + completion as each alone
+    if kind == "sft":
+        ds = Dataset.from_list([{"prompt": _text(p), "completion": " " + _text(r)} for p, r in examples])
+        trainer = trl.SFTTrainer(model=peer, processing_class=_tokenizer(), train_dataset=ds, callbacks=[timer],
+                                 args=trl.SFTConfig(**common, per_device_train_batch_size=s["batch"]))
+    else:
+        ds = Dataset.from_list([{"prompt": _text(p), "chosen": " " + _text(c), "rejected": " " + _text(r)}
+                                for p, c, r in examples])
+        trainer = trl.DPOTrainer(model=peer, ref_model=copy.deepcopy(peer).eval(), processing_class=_tokenizer(),
+                                 train_dataset=ds, callbacks=[timer],
+                                 args=trl.DPOConfig(**common, per_device_train_batch_size=s["batch"] // 2))
+
+    def run(n: int) -> list[float]:
+        timer.times = []
+        trainer.args.max_steps = n + 1
         trainer.train()
-    return timer.times[1:]  # the first step warms up
+        return timer.times[1:]  # the first step of each train() warms up
+
+    run.warm_up = lambda: run(0)
+    return run
 
 
-def _trl_row(kind: str, peer, examples, s, steps: int, case: str, bf16: bool) -> list[Row]:
-    name = "trl SFTTrainer" if kind == "sft" else "trl DPOTrainer"
-    times = _trl_steps(kind, peer, examples, s, steps, bf16)
-    if isinstance(times, str):
-        print(f"{name} skipped: {times}")
-        return []
-    ms = 1e3 * statistics.median(times)
-    return [Row(SUITE, case, name, ms, {"tok_per_s": s["batch"] * s["seq"] / ms * 1e3})]
+def _round_fns(fns: dict, kind: str, peer, examples, s, bf16: bool, out: str) -> dict:
+    if peer is not None:
+        fn = _trl(kind, copy.deepcopy(peer), examples, s, bf16, out)
+        name = "trl SFTTrainer" if kind == "sft" else "trl DPOTrainer"
+        if isinstance(fn, str):
+            print(f"{name} skipped: {fn}")
+        else:
+            fns[name] = fn
+    return fns
 
 
 def run(full: bool = False) -> list[Row]:
@@ -200,22 +212,19 @@ def run(full: bool = False) -> list[Row]:
         print("transformers not installed: peers skipped")
     sft, pairs = _data(s, 64)
     tokens = s["batch"] * s["seq"]
-    rounds, per_round, trl_steps = (3, 2, 6) if full else (2, 2, 4)
+    rounds, per_round = (3, 2) if full else (2, 2)
     rows = []
     for bf16 in (False, True) if full else (False,):
         tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} {'bf16 autocast' if bf16 else 'fp32'}"
-        case = f"SFT step, loss on the response half, {tag}"
-        fns = {"fusedlm Trainer": _fusedlm_sft(copy.deepcopy(ours), sft, s, bf16)}
-        if peer is not None:
-            fns["transformers + AdamW loop"] = _hf_sft(copy.deepcopy(peer), sft, s, bf16)
-        for name, ms in _alternating(fns, rounds, per_round).items():
-            rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
-        if peer is not None:
-            rows += _trl_row("sft", copy.deepcopy(peer), sft, s, trl_steps, case, bf16)
-        case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
-        for name, ms in _alternating({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)},
-                                     rounds, per_round).items():
-            rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
-        if peer is not None:
-            rows += _trl_row("dpo", copy.deepcopy(peer), pairs, s, trl_steps, case, bf16)
+        with tempfile.TemporaryDirectory() as out:
+            case = f"SFT step, loss on the response half, {tag}"
+            fns = {"fusedlm Trainer": _fusedlm_sft(copy.deepcopy(ours), sft, s, bf16)}
+            if peer is not None:
+                fns["transformers + AdamW loop"] = _hf_sft(copy.deepcopy(peer), sft, s, bf16)
+            for name, ms in _alternating(_round_fns(fns, "sft", peer, sft, s, bf16, out), rounds, per_round).items():
+                rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
+            case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
+            fns = {"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)}
+            for name, ms in _alternating(_round_fns(fns, "dpo", peer, pairs, s, bf16, out), rounds, per_round).items():
+                rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
     return rows
