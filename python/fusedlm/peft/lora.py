@@ -208,7 +208,9 @@ class LoraLinear(nn.Module):
             return self._stack_cache[1]
         r_max = max(self.r[n] for n in names)
         lora_a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in names])
-        lora_b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - self.r[n])) for n in names])
+        # B stored [A, r_max, N] and passed as its [A, N, r_max] view: the kernel streams Bᵀ along N,
+        # so this layout reaches it without a copy per call (a decode step re-reads every B).
+        lora_b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - self.r[n])).T for n in names]).transpose(1, 2)
         gates = torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=lora_a.device)
         out = (lora_a, lora_b, gates)
         self._stack_cache = None if tracked else (key, tuple(t.detach() for t in out))
