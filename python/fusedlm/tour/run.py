@@ -64,7 +64,8 @@ def _header(ctx: Context, argv: list[str], wall: float) -> list[str]:
     return [
         "# fusedlm tour",
         "",
-        f"`fusedlm tour {' '.join(argv)}` — mode **{ctx.mode}**, seed {ctx.seed}, wall time {wall:.0f} s.",
+        f"`fusedlm tour {' '.join(argv)}` — mode **{ctx.mode}**, seed {ctx.seed}, {torch.get_num_threads()} torch "
+        f"thread(s), wall time {wall:.0f} s.",
         "",
         "Machine: " + ", ".join(f"{k}: {v}" for k, v in info.items() if v is not None) + ".",
         "",
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=f"{name} sizes")
     parser.add_argument("--out", default="tour-report", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the models and every draw (default: 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default; on a machine other jobs keep busy, 1 is "
+                             "several times faster than spinning threads that wait on each other)")
     parser.add_argument("--only", action="append", choices=[k for k, _ in SECTIONS],
                         help="run only these sections (repeatable; the world always runs, and sections whose "
                              "models an unselected section trains report them missing)")
