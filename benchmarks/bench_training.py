@@ -2,7 +2,7 @@
 transformers' LlamaForCausalLM (attn_implementation="sdpa") driven by the same AdamW loop, and vs
 trl's SFTTrainer / DPOTrainer (offline: a word-level tokenizer built in memory), fp32.
 
-Cases (one optimizer step each, AdamW lr 1e-5, gradient clipping at 1.0, batch B sequences of N
+Cases (one optimizer step each, fused AdamW (transformers' and trl's default) lr 1e-5, gradient clipping at 1.0, batch B sequences of N
 tokens; tok_per_s = B·N / step time):
 - SFT: each sequence a prompt of N/2 tokens and a response of N/2 (the last one EOS); the loss on
   the response only (fusedlm: lm_loss; transformers: labels -100 on the prompt; trl:
@@ -108,7 +108,7 @@ def _hf_sft(peer, sft, s, bf16):
     from fusedlm.training.sft import sft_example
 
     batch = pad_collate([sft_example(p, r, eos_token_id=2) for p, r in sft[: s["batch"]]])
-    opt = torch.optim.AdamW(peer.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(peer.parameters(), lr=1e-5, fused=True)  # the Trainer's and transformers' default
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

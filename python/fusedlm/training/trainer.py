@@ -132,7 +132,11 @@ class Trainer:
             raise ValueError("the model has no trainable parameters (everything has requires_grad=False)")
         groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        # the fused AdamW kernel (transformers' default optimizer) is ~7x faster than the per-tensor
+        # loop on the CPU; FSDP's DTensor parameters keep the loop
+        fused = self.strategy != "fsdp" and all(p.device.type in ("cpu", "cuda") for p in self.params)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                           fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, cfg))
         if hasattr(train_data, "__next__") and hasattr(train_data, "state_dict"):
             self.loader = train_data
