@@ -5,7 +5,7 @@
     fusedlm tour --full --out tour-full --seed 1
 
 Writes OUT/report.md (tables and PNG plots), OUT/summary.json (every check) and OUT/tokenizer.json,
-and prints the summary table. Offline, CPU, deterministic for a seed (and thread count); timings
+and prints the summary table. Offline, CPU, deterministic for a seed (and thread count: one by default); timings
 (time per step, tokens/s) are measurements and vary.
 """
 from __future__ import annotations
@@ -94,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=f"{name} sizes")
     parser.add_argument("--out", default="tour-report", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, the models and every draw (default: 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default; on a machine other jobs keep busy, 1 is "
-                             "several times faster than spinning threads that wait on each other)")
+    # One thread by default: the tour's matrices are small, and where other jobs share the cores two
+    # torch threads spin waiting on each other (measured: --smoke 410 s with 2 threads, ~90 s with 1,
+    # load ~4 on 2 cores); one thread also keeps the numbers independent of the core count.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0: torch's default)")
     parser.add_argument("--only", action="append", choices=[k for k, _ in SECTIONS],
                         help="run only these sections (repeatable; the world always runs, and sections whose "
                              "models an unselected section trains report them missing)")
     args = parser.parse_args(argv)
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
