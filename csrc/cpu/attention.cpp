@@ -46,6 +46,8 @@
 #include "common/dtype.h"
 #include "common/threading.h"
 
+inline bool use_avx512() { return fusedlm::active_isa() >= fusedlm::Isa::Avx512; }
+inline bool use_avx512_bf16() { return fusedlm::active_isa() >= fusedlm::Isa::Avx512Bf16; }
 #define FUSEDLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define FUSEDLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
@@ -907,14 +909,15 @@ void backward_key_range(const Problem& p, Path path, int64_t b, int64_t hk, int6
 
 }  // namespace
 
-void attention_forward(const void* q, const void* k, const void* v, DType dtype, int64_t B, int64_t Hq, int64_t Hkv,
-                       int64_t Nq, int64_t Nk, int64_t D, const int64_t* q_strides, const int64_t* k_strides,
-                       const int64_t* v_strides, int mask_mode, const int64_t* prefix_len,
-                       const uint8_t* key_padding_mask, const float* bias, const int64_t* bias_strides, float scale,
-                       void* out, float* lse, int num_threads) {
-  const Problem p{q, k, v, dtype, B, Hq, Hkv, Nq, Nk, D, q_strides, k_strides, v_strides,
-                  mask_mode, prefix_len, key_padding_mask, bias, bias_strides, scale};
-  const Path path = choose_path(dtype);
+void attention_forward(const AttentionArgs& a) {
+  const int64_t B = a.q.size(0), Hq = a.q.size(1), Nq = a.q.size(2), D = a.q.size(3), Hkv = a.k.size(1), Nk = a.k.size(2);
+  const Problem p{a.q.data, a.k.data, a.v.data, a.q.dtype, B, Hq, Hkv, Nq, Nk, D, a.q.strides, a.k.strides, a.v.strides,
+                  a.mask_mode, a.prefix_len.ptr<const int64_t>(), a.key_padding_mask.ptr<const uint8_t>(),
+                  a.bias.ptr<const float>(), a.bias.strides, a.scale};
+  const Path path = choose_path(p.dtype);
+  void* out = a.out.data;
+  float* lse = a.lse.ptr<float>();
+  const int num_threads = a.num_threads;
   if (Nq * p.group() <= kDecodeRows) return decode_forward(p, path, out, lse, num_threads);
   const uint64_t call = forward_calls.fetch_add(1) + 1;
   const int64_t q_tiles = (Nq + kBQ - 1) / kBQ;
@@ -926,14 +929,21 @@ void attention_forward(const void* q, const void* k, const void* v, DType dtype,
   });
 }
 
-void attention_backward(const void* grad_out, const void* q, const void* k, const void* v, const void* out,
-                        const float* lse, DType dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t Nq, int64_t Nk,
-                        int64_t D, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
-                        int mask_mode, const int64_t* prefix_len, const uint8_t* key_padding_mask, const float* bias,
-                        const int64_t* bias_strides, float scale, float* dq, float* dk, float* dv, float* dbias,
-                        int64_t splits, int num_threads) {
-  const Problem p{q, k, v, dtype, B, Hq, Hkv, Nq, Nk, D, q_strides, k_strides, v_strides,
-                  mask_mode, prefix_len, key_padding_mask, bias, bias_strides, scale};
+void attention_backward(const AttentionArgs& a) {
+  const int64_t B = a.q.size(0), Hq = a.q.size(1), Nq = a.q.size(2), D = a.q.size(3), Hkv = a.k.size(1), Nk = a.k.size(2);
+  const DType dtype = a.q.dtype;
+  const Problem p{a.q.data, a.k.data, a.v.data, a.q.dtype, B, Hq, Hkv, Nq, Nk, D, a.q.strides, a.k.strides, a.v.strides,
+                  a.mask_mode, a.prefix_len.ptr<const int64_t>(), a.key_padding_mask.ptr<const uint8_t>(),
+                  a.bias.ptr<const float>(), a.bias.strides, a.scale};
+  const void* grad_out = a.grad_out.data;
+  const void* out = a.out.data;
+  const float* lse = a.lse.ptr<const float>();
+  float* dq = a.dq.ptr<float>();
+  float* dk = a.dk.ptr<float>();
+  float* dv = a.dv.ptr<float>();
+  float* dbias = a.dbias.ptr<float>();
+  const int64_t splits = a.dq.size(0);
+  const int num_threads = a.num_threads;
   const Path path = use_avx512() ? Path::Avx512 : Path::Scalar;
   const int64_t k_tiles = (Nk + kBK - 1) / kBK, dp = round_up(D, 16), rows = B * Hq * Nq;
   // delta_i = sum_d dO[i, d] * O[i, d], once per query row

@@ -66,19 +66,9 @@ def _forward_reference(q, k, v, mode, prefix_len, key_padding_mask, bias, scale)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
-def _strides(t: torch.Tensor) -> list[int]:
-    return list(t.stride())
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of D contiguous elements; any other strides are passed through."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _cpu_mask_args(prefix_len, key_padding_mask):
-    prefix = 0 if prefix_len is None else prefix_len.contiguous().data_ptr()
-    pad = 0 if key_padding_mask is None else key_padding_mask.contiguous().data_ptr()
-    return prefix, pad
 
 
 @_forward.register("cpu", supports=_cpu_supports)
@@ -91,12 +81,10 @@ def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
     bias = _expanded_bias(bias, q, nk)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, nq), dtype=torch.float32)
-    cpu_module().attention_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _checks.DTYPE_CODES[q.dtype], b, hq, hkv, nq, nk, d,
-        _strides(q), _strides(k), _strides(v), mode, *_cpu_mask_args(prefix_len, key_padding_mask),
-        0 if bias is None else bias.data_ptr(), [0] * 4 if bias is None else _strides(bias), float(scale),
-        out.data_ptr(), lse.data_ptr(), _checks.num_threads(),
-    )
+    cpu_module().attention_forward(_checks.cpu_args(
+        "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
+        bias=bias, scale=float(scale), out=out, lse=lse, num_threads=_checks.num_threads(),
+    ))
     return out, lse
 
 
@@ -154,13 +142,11 @@ def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mas
     dk = torch.empty((b, hkv, nk, d), dtype=torch.float32)
     dv = torch.empty((b, hkv, nk, d), dtype=torch.float32)
     dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32) if bias_grad else None
-    cpu_module().attention_backward(
-        grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        _checks.DTYPE_CODES[q.dtype], b, hq, hkv, nq, nk, d, _strides(q), _strides(k), _strides(v), mode,
-        *_cpu_mask_args(prefix_len, key_padding_mask), 0 if bias32 is None else bias32.data_ptr(),
-        [0] * 4 if bias32 is None else _strides(bias32), float(scale),
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if dbias is None else dbias.data_ptr(), splits, threads,
-    )
+    cpu_module().attention_backward(_checks.cpu_args(
+        "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
+        bias=bias32, scale=float(scale), out=out, lse=lse, grad_out=grad_out, dq=dq, dk=dk, dv=dv, dbias=dbias,
+        num_threads=threads,
+    ))
     dq = dq.sum(0) if splits > 1 else dq[0]
     return dq[..., :d].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias if bias_grad else q.new_empty(0)
 

@@ -135,10 +135,10 @@ def _empty_packed(w: torch.Tensor, blocksize: int):
 def _quantize_cpu(w: torch.Tensor, blocksize: int):
     w = w.contiguous()
     data, absmax = _empty_packed(w, blocksize)
-    cpu_module().nf4_quantize(
-        w.data_ptr(), _checks.DTYPE_CODES[w.dtype], w.numel(), blocksize,
-        ref.NF4_MIDPOINTS.data_ptr(), data.data_ptr(), absmax.data_ptr(), _checks.num_threads(),
-    )
+    cpu_module().nf4_quantize(_checks.cpu_args(
+        "Nf4Args", w=w.view(-1), data=data.view(-1), absmax=absmax, midpoints=ref.NF4_MIDPOINTS,
+        blocksize=blocksize, num_threads=_checks.num_threads(),
+    ))
     return data, absmax
 
 
@@ -188,11 +188,15 @@ def _dequantize_reference(data, absmax, blocksize, shape, dtype):
 @_dequantize.register("cpu")
 def _dequantize_cpu(data, absmax, blocksize, shape, dtype):
     out = torch.empty(shape, dtype=dtype, device=data.device)
-    cpu_module().nf4_dequantize(
-        data.data_ptr(), absmax.data_ptr(), out.numel(), blocksize, ref.NF4_CODE.data_ptr(),
-        out.data_ptr(), _checks.DTYPE_CODES[dtype], _checks.num_threads(),
-    )
+    _dequantize_cpu_into(data, absmax, blocksize, out)
     return out
+
+
+def _dequantize_cpu_into(data, absmax, blocksize, out):
+    cpu_module().nf4_dequantize(_checks.cpu_args(
+        "Nf4Args", data=data.view(-1), absmax=absmax, code=ref.NF4_CODE, blocksize=blocksize,
+        out=out.view(-1), num_threads=_checks.num_threads(),
+    ))
 
 
 @_dequantize.register("triton")
@@ -322,12 +326,13 @@ def _matmul_cpu(x, data, absmax, blocksize, shape, bias):
     m = x2.shape[0]
     if m <= CPU_GEMV_MAX_ROWS:
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+        if m == 0:
+            return out.view(*x.shape[:-1], n_out)
         bias32 = None if bias is None else bias.float().contiguous()
-        cpu_module().nf4_gemv(
-            x2.data_ptr(), _checks.DTYPE_CODES[x.dtype], m, k, x2.stride(0), data.data_ptr(), absmax.data_ptr(),
-            blocksize, n_out, ref.NF4_CODE.data_ptr(), 0 if bias32 is None else bias32.data_ptr(),
-            out.data_ptr(), _checks.DTYPE_CODES[x.dtype], _checks.num_threads(),
-        )
+        cpu_module().nf4_gemv(_checks.cpu_args(
+            "Nf4Args", x=x2, data=data.view(-1), absmax=absmax, code=ref.NF4_CODE, blocksize=blocksize,
+            bias=bias32, out=out, num_threads=_checks.num_threads(),
+        ))
         return out.view(*x.shape[:-1], n_out)
     return _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias).view(*x.shape[:-1], n_out)
 
@@ -348,10 +353,8 @@ def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
     for n0 in range(0, n_out, rows):
         n1 = min(n_out, n0 + rows)
         w = tile[: n1 - n0]
-        cpu_module().nf4_dequantize(
-            flat_data[n0 * k // 2 :].data_ptr(), absmax[n0 * k // blocksize :].data_ptr(), w.numel(), blocksize,
-            ref.NF4_CODE.data_ptr(), w.data_ptr(), _checks.DTYPE_CODES[compute], _checks.num_threads(),
-        )
+        _dequantize_cpu_into(flat_data[n0 * k // 2 : n1 * k // 2], absmax[n0 * k // blocksize : -(-n1 * k // blocksize)],
+                             blocksize, w)
         out[:, n0:n1] = xc @ w.T
     if bias is not None:
         out += bias.to(out.dtype)
