@@ -56,6 +56,18 @@ def cuda_module():
     return module
 
 
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")  # csrc/common/cpu_features.h, lowest first
+
+
+def cpu_isa_levels() -> list[str]:
+    """The SIMD levels of the cpu kernels this machine can run, lowest first ([] without fusedlm._C).
+    An AVX-512 machine runs its AVX2 and scalar paths too: tests and ``fusedlm bench --isa`` use them."""
+    module = _compiled("_C")
+    if module is None:
+        return []
+    return list(CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(module.detected_isa()) + 1])
+
+
 @contextlib.contextmanager
 def cpu_isa_limit(name: str) -> Iterator[str]:
     """Caps the SIMD level of the cpu kernels inside the block, for tests and benchmarks.
@@ -68,7 +80,7 @@ def cpu_isa_limit(name: str) -> Iterator[str]:
     try:
         yield module.active_isa()
     finally:
-        module.set_max_isa("avx512_bf16")  # the top level: no cap
+        module.set_max_isa(CPU_ISA_LEVELS[-1])  # the top level: no cap
 
 
 def triton_interpreting() -> bool:
