@@ -67,6 +67,7 @@ PYBIND11_MODULE(_C, m) {
             if (name == isa_name(static_cast<Isa>(level))) return max_isa_limit().store(level);
           throw py::value_error("isa must be scalar, avx2, avx512 or avx512_bf16, got " + name);
         }, py::arg("isa"), "Caps the SIMD level (tests and benchmarks run every path a CPU has).");
+  m.def("max_isa", [] { return isa_name(static_cast<Isa>(max_isa_limit().load())); }, "The cap set_max_isa set.");
 
   py::class_<View>(m, "View", "A tensor as the kernels see it: address, dtype code, sizes, strides (elements).")
       .def(py::init(&make_view), py::arg("data"), py::arg("dtype"), py::arg("sizes"), py::arg("strides"))

@@ -33,11 +33,15 @@ _warned: set[tuple[str, str, str]] = set()
 
 @functools.cache
 def _compiled(module: str):
-    """fusedlm._C or fusedlm._cuda, or None when this install does not have it."""
+    """fusedlm._C or fusedlm._cuda, or None when this install does not have it. The environment
+    variable FUSEDLM_MAX_ISA (scalar, avx2, avx512, avx512_bf16) caps the SIMD level of fusedlm._C."""
     try:
-        return importlib.import_module(f"fusedlm.{module}")
+        compiled = importlib.import_module(f"fusedlm.{module}")
     except ImportError:
         return None
+    if module == "_C" and os.environ.get("FUSEDLM_MAX_ISA"):
+        compiled.set_max_isa(os.environ["FUSEDLM_MAX_ISA"])
+    return compiled
 
 
 def cpu_module():
@@ -76,11 +80,12 @@ def cpu_isa_limit(name: str) -> Iterator[str]:
     every SIMD path must equal. Yields the level actually in use.
     """
     module = cpu_module()
+    previous = module.max_isa()
     module.set_max_isa(name)
     try:
         yield module.active_isa()
     finally:
-        module.set_max_isa(CPU_ISA_LEVELS[-1])  # the top level: no cap
+        module.set_max_isa(previous)
 
 
 def triton_interpreting() -> bool:

@@ -305,7 +305,7 @@ _matmul = Dispatcher("nf4_matmul")
 # rows of x, in registers); above it, the tiled path decodes one tile of rows of W at a time and
 # multiplies it with torch's GEMM.
 CPU_GEMV_MAX_ROWS = 16
-CPU_TILE_BYTES = 1 << 20  # size of one decoded tile of W on the tiled path
+CPU_TILE_BYTES = 8 << 20  # size of one decoded tile of W on the tiled path (smaller tiles starve the GEMM)
 
 
 @_matmul.register("reference")
@@ -338,11 +338,15 @@ def _matmul_cpu(x, data, absmax, blocksize, shape, bias):
 
 
 def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
-    """Large M: decode a tile of rows of W (bf16 for bf16 x, else fp32) and multiply it, tile by tile.
+    """Large M: decode a tile of rows of W and multiply it, tile by tile.
 
-    Extra memory is one decoded tile plus its slice of the output, never the whole weight.
+    Tiles are bf16 for bf16 x on CPUs with native bf16 dot products (avx512_bf16), else float32:
+    without them torch's bf16 GEMM is several times slower than its float32 one, so bf16 x is
+    widened once and the output narrowed at the end. Extra memory is one decoded tile plus its
+    slice of the output, never the whole weight.
     """
-    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+    native_bf16 = cpu_module().active_isa() == "avx512_bf16"
+    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 and native_bf16 else torch.float32
     xc = x2.to(compute)
     # Tiles start at a multiple of `align` rows, so each tile starts at a block boundary.
     align = blocksize // math.gcd(k, blocksize)
