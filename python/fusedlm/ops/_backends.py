@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..kernels._util import interpreting
+
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 # Backends forced by use_backend(), innermost last. A plain list, not a ContextVar, so that
@@ -88,8 +90,7 @@ def cpu_isa_limit(name: str) -> Iterator[str]:
         module.set_max_isa(previous)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton_interpreting = interpreting  # TRITON_INTERPRET=1: Triton kernels run on CPU tensors
 
 
 def _probe(backend: str) -> str | None:
