@@ -24,6 +24,10 @@ SUITES = {
     "nf4": "bench_nf4",
     "sampling": "bench_sampling",
     "models": "bench_models",
+    "training": "bench_training",
+    "peft": "bench_peft",
+    "integrations": "bench_integrations",
+    "generation": "bench_generation",
 }
 
 # --isa LEVEL caps fusedlm's kernels (FUSEDLM_MAX_ISA) and torch's the same way, so one machine

@@ -229,3 +229,16 @@ def test_benchmark_compares_the_same_computation(monkeypatch):
     assert _maxdiff(p1(), p2()) <= ATOL
     assert d1().tolist() == d2().tolist()
     assert d1().tolist() == d2().tolist()  # repeatable: the caches are reset between repeats
+
+
+def test_dropout_fields_round_trip(tmp_path):
+    """Each model type's dropout keys fill ModelConfig's dropout / attn_dropout / mlp_dropout, and back."""
+    cfg = hf.config_from_hf({"model_type": "bart", "architectures": ["BartForConditionalGeneration"], "vocab_size": 97,
+                             "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4,
+                             "decoder_attention_heads": 4, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48,
+                             "max_position_embeddings": 40, "dropout": 0.2, "attention_dropout": 0.05, "activation_dropout": 0.1})
+    assert (cfg.dropout, cfg.attn_dropout, cfg.mlp_dropout) == (0.2, 0.05, 0.1)
+    out = hf.config_to_hf(cfg, "bart")
+    assert (out["dropout"], out["attention_dropout"], out["activation_dropout"]) == (0.2, 0.05, 0.1)
+    gpt2 = hf.config_from_hf({"model_type": "gpt2", "vocab_size": 97, "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 40})
+    assert (gpt2.dropout, gpt2.attn_dropout, gpt2.mlp_dropout) == (0.1, 0.1, 0.0)  # transformers' defaults

@@ -71,7 +71,7 @@ def test_prefix_lm_per_row_prompt_lengths():
 def test_generate_uses_the_cache_consistently():
     model = _model("llama-tiny")
     ids, mask = _batch(n=5)
-    out = model.generate(ids, 6, attention_mask=mask)
+    out = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # no eos: six new tokens in every row
     assert out.shape == (3, 11)
     # greedy without a cache: re-run the whole sequence each step
     seq = ids
@@ -132,8 +132,32 @@ def test_bad_inputs():
 def test_sinusoidal_positions_and_bf16():
     model = _model("llama-tiny", positions="sinusoidal").to(torch.bfloat16)
     ids, mask = _batch()
-    out = model(ids, attention_mask=mask).logits
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = _model("llama-tiny", positions="sinusoidal")(ids, attention_mask=mask).logits  # the same weights in fp32
+    torch.testing.assert_close(out[mask].float(), want[mask], atol=0.05 * float(want.abs().max()), rtol=0.02)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3, num_return_sequences=2, length_penalty=0.6)])
+def test_generate_matches_transformers(tmp_path, name, mode):
+    """model.generate equals transformers' generate of the same checkpoint, token for token (left padding, eos hits)."""
+    transformers = pytest.importorskip("transformers")
+    from fusedlm.interop import hf
+
+    model = _model(name)
+    hf.save_pretrained(model, str(tmp_path))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids, mask = _batch(n=6)
+    free = model.generate(ids, 8, attention_mask=mask, eos_token_id=[])
+    eos = [int(free[0, 8]), int(free[2, 10])]  # tokens rows 0 and 2 emit: both stop early
+    got = model.generate(ids, 8, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **mode)
+    want = ref.generate(ids, attention_mask=mask.long(), max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                        pad_token_id=0, **mode)
+    assert got.tolist() == want.tolist()
+    assert torch.isin(got[:, 6:], torch.tensor(eos)).any()
 
 
 def test_last_logits_only():

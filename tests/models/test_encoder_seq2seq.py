@@ -47,7 +47,7 @@ def test_seq2seq_loss_generate_and_cache(name):
     dec = model.shift_right(tgt)
     assert dec[0, 0] == model.config.decoder_start_token_id and torch.equal(dec[:, 1:], tgt[:, :-1])
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits.reshape(-1, 128), tgt.reshape(-1)))
-    gen = model.generate(src, 6)
+    gen = model.generate(src, 6, eos_token_id=[])  # no eos: transformers would stop at config.eos_token_id
     # greedy without the cache: run the decoder on the whole prefix each step
     seq = gen[:, :1]
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """ops.attention: every backend against the reference (outputs and gradients), its autograd and
 torch.library wiring, the edge cases of DESIGN.md rule 3, and argument checks."""
+import contextlib
 import importlib
 
 import pytest
@@ -198,7 +199,7 @@ def _op_args(backend, dtype=torch.float32, bias=True, mode=ref.PREFIX):
     prefix = torch.tensor([3, 70]) if mode == ref.PREFIX else None
     pad = torch.rand(2, 70, generator=torch.Generator().manual_seed(0)) > 0.2
     b = torch.randn(1, 4, 9, 70, dtype=dtype, requires_grad=True) if bias else None
-    return (q, k, v, mode, prefix, pad, b, 0.25, backend)
+    return (q, k, v, mode, prefix, pad, b, 0.25, 0.0, None, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -210,10 +211,12 @@ def test_opcheck(backend, mode):
     torch.library.opcheck(attention_module._attention_op, _op_args(backend, bias=False, mode=mode))
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("mask", list(ref.MASK_MODES))
-def test_gradcheck_float64(mask):
+def test_gradcheck_float64(mask, dropout_p):
     # The registered backward (recomputation from the saved lse, written out in
-    # reference.attention_backward and mirrored by the kernels) against finite differences.
+    # reference.attention_backward and mirrored by the kernels) against finite differences. With
+    # dropout, a fixed generator seed fixes the mask: the op is then a deterministic function.
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 1, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -225,7 +228,7 @@ def test_gradcheck_float64(mask):
         kw["prefix_len"] = torch.tensor([0, 4])
 
     def f(q, k, v, bias):
-        return ops.attention(q, k, v, bias=bias, **kw)
+        return ops.attention(q, k, v, bias=bias, dropout_p=dropout_p, generator=torch.Generator().manual_seed(2), **kw)
 
     with ops.use_backend("reference"):
         assert torch.autograd.gradcheck(f, (q, k, v, bias))
@@ -330,7 +333,8 @@ def test_triton_opcheck():
     q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 5, 9, 16))
     bias = torch.randn(1, 2, 5, 9, requires_grad=True)
     pad = torch.tensor([[True] * 8 + [False]])
-    torch.library.opcheck(attention_module._attention_op, (q, k, v, ref.PREFIX, torch.tensor([3]), pad, bias, 0.25, "triton"))
+    torch.library.opcheck(attention_module._attention_op, (q, k, v, ref.PREFIX, torch.tensor([3]), pad, bias, 0.25, 0.0, None,
+                                                                  "triton"))
 
 
 # ---- cpu decode path: Nq * (Hq / Hkv) <= 16 rows per key/value head, K/V streamed, split-K ----
@@ -354,7 +358,7 @@ def test_cpu_decode_matches_reference(cpu_isa, case, dtype):
 
 def _cpu_out_lse(q, k, v, mode=ref.CAUSAL, prefix_len=None, pad=None, bias=None, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return attention_module._attention_op(q, k, v, mode, prefix_len, pad, bias, scale, "cpu")
+    return attention_module._attention_op(q, k, v, mode, prefix_len, pad, bias, scale, 0.0, None, "cpu")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -390,3 +394,154 @@ def test_cpu_decode_strided_kv_cache(cpu_isa):
     k = torch.randn(2, 2, 1500, 64, generator=g)[:, :, :1100]
     v = torch.randn(2, 1100, 2, 64, generator=g).transpose(1, 2)
     _check_backend("cpu", q, k, v, mask="causal")
+
+
+# ---- dropout on the attention probabilities (reference backend; cpu and triton fall back) ------
+
+def _drawn_seed(generator_seed):
+    """The seed ops.attention draws from torch.Generator().manual_seed(generator_seed)."""
+    return int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(generator_seed)))
+
+
+DROPOUT_CASES = [  # (B, Hq, Hkv, Nq, Nk, D, mask, prefix_len, padding, bias)
+    (2, 4, 2, 9, 13, 16, "causal", None, "random", "heads"),
+    (2, 4, 1, 17, 17, 8, "prefix", "rows", None, "batch"),
+    (1, 2, 2, 5, 33, 16, "bidirectional", None, "random", None),
+    (2, 2, 1, 9, 4, 8, "causal", None, "one-empty", None),  # fully hidden rows
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_dropout_matches_reference_with_the_drawn_seed(case):
+    q, k, v = _inputs(*case[:6])
+    kw = _case_kwargs(case)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(7))
+    out, grads = _run("reference", q, k, v, grad_out, dropout_p=0.3, generator=torch.Generator().manual_seed(11),
+                      **dict(kw))
+    mode = ref.MASK_MODES[kw.pop("mask")]
+    bias = kw.pop("bias")
+    bias = None if bias is None else bias.clone().requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = ref.attention(*leaves, mode, kw.get("prefix_len"), kw.get("key_padding_mask"), bias,
+                         dropout_p=0.3, seed=_drawn_seed(11))
+    want_grads = torch.autograd.grad(want, leaves + ([bias] if bias is not None else []), grad_out)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_dropout_same_generator_state_same_mask_and_another_differs():
+    q, k, v = _inputs(2, 4, 2, 9, 13, 16)
+    grad_out = torch.ones_like(q)
+
+    def run(generator):
+        return _run("reference", q, k, v, grad_out, mask="bidirectional", dropout_p=0.25, generator=generator)
+
+    (o1, g1), (o2, g2) = run(torch.Generator().manual_seed(3)), run(torch.Generator().manual_seed(3))
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    o3, g3 = run(torch.Generator().manual_seed(4))
+    assert not torch.equal(o1, o3) and not torch.equal(g1[0], g3[0])
+    torch.manual_seed(5)  # generator=None: torch's default generator
+    o4, _ = run(None)
+    torch.manual_seed(5)
+    assert torch.equal(o4, run(None)[0]) and not torch.equal(o4, run(None)[0])  # a fresh seed per call
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dropout_zero_is_the_no_dropout_op(backend):
+    if backend not in ops.available_backends():
+        pytest.skip(f"{backend} not available")
+    q, k, v = _inputs(2, 4, 2, 9, 13, 16)
+    grad_out = torch.ones_like(q)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    out, grads = _run(backend, q, k, v, grad_out, mask="prefix", prefix_len=4)
+    out0, grads0 = _run(backend, q, k, v, grad_out, mask="prefix", prefix_len=4, dropout_p=0.0, generator=gen)
+    assert torch.equal(out, out0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    assert torch.equal(gen.get_state(), state)  # no seed drawn
+
+
+def test_dropout_keep_rate_and_scale_seen_through_the_op():
+    # v = one-hot keys, so out[..., :Nk] is (P * Z) itself: P * Z / P is 0 or 1 / (1 - p)
+    b, h, n, p = 2, 4, 64, 0.4
+    q, k, _ = _inputs(b, h, h, n, n, n)
+    v = torch.eye(n).expand(b, h, n, n)
+    with ops.use_backend("reference"):
+        probs = ops.attention(q, k, v, mask="bidirectional")
+        dropped = ops.attention(q, k, v, mask="bidirectional", dropout_p=p, generator=torch.Generator().manual_seed(1))
+    z = dropped / probs
+    kept = z > 0
+    torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (1 - p)))
+    m = z.numel()
+    assert abs(int(kept.sum()) - m * (1 - p)) < 5 * (m * p * (1 - p)) ** 0.5
+
+
+def test_dropout_fully_masked_rows_give_zeros():
+    q, k, v = _inputs(2, 2, 1, 5, 3, 16)
+    pad = torch.tensor([[False, False, False], [True, True, True]])
+    out, (dq, dk, dv) = _run("reference", q, k, v, torch.ones_like(q), key_padding_mask=pad, dropout_p=0.5,
+                             generator=torch.Generator().manual_seed(0))
+    # Nq=5 > Nk=3: queries 0 and 1 see nothing causally; batch 0 sees nothing at all
+    assert (out[0] == 0).all() and (out[1, :, :2] == 0).all() and (dq[0] == 0).all() and (dv[0] == 0).all()
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+def test_dropout_falls_back_from_the_kernels(monkeypatch):
+    q, k, v = _inputs(1, 2, 2, 4, 4, 8)
+    assert "dropout" in attention_module._cpu_supports(torch.float32, dropout=True)
+    assert "dropout" in attention_module._triton_supports(torch.float32, dropout=True)
+    if HAS_CPU:
+        monkeypatch.setattr(_backends, "_warned", set())
+        with pytest.warns(RuntimeWarning, match=r"not using the cpu backend \(the cpu kernel does not implement dropout"):
+            assert attention_module._forward.choose(q.device, dtype=q.dtype, head_dim=8, dropout=True) == "reference"
+        with pytest.raises(RuntimeError, match="cpu.*dropout_p > 0"):
+            with ops.use_backend("cpu"):
+                ops.attention(q, k, v, dropout_p=0.1)
+    if "triton" in ops.available_backends() and _backends.triton_interpreting():
+        with pytest.raises(RuntimeError, match="triton.*dropout_p > 0"):
+            with ops.use_backend("triton"):
+                ops.attention(q, k, v, dropout_p=0.1)
+
+
+def test_dropout_opcheck():
+    args = list(_op_args("reference"))
+    args[8], args[9] = 0.3, torch.tensor(123456789012345)  # dropout_p, seed
+    torch.library.opcheck(attention_module._attention_op, tuple(args))
+
+
+def test_compile_fullgraph_with_and_without_dropout(monkeypatch):
+    # v = one-hot keys makes out = P * Z, so the backward's mask can be checked against the
+    # forward's: dv = (P * Z)^T grad_out (the seed is drawn inside the graph, generator=None).
+    # The cpu -> reference fallback warning is issued while tracing, without a graph break.
+    monkeypatch.setattr(_backends, "_warned", set())
+    b, h, n, p = 1, 2, 16, 0.5
+    q, k, _ = _inputs(b, h, h, n, n, n)
+    v = torch.eye(n).expand(b, h, n, n).clone().requires_grad_()
+    f = torch.compile(lambda q, k, v, p: ops.attention(q, k, v, mask="prefix", prefix_len=3, dropout_p=p),
+                      fullgraph=True)
+    torch.testing.assert_close(f(q, k, v, 0.0), ref.attention(q, k, v, ref.PREFIX, 3), atol=2e-5, rtol=1e-4)
+    with pytest.warns(RuntimeWarning, match="does not implement dropout") if HAS_CPU else contextlib.nullcontext():
+        pz = f(q, k, v, p)
+    grad_out = torch.randn(pz.shape, generator=torch.Generator().manual_seed(0))
+    (dv,) = torch.autograd.grad(pz, v, grad_out)
+    torch.testing.assert_close(dv, pz.detach().transpose(-1, -2) @ grad_out, atol=1e-5, rtol=1e-5)
+    probs = ref.attention(q, k, v, ref.PREFIX, 3)
+    z = pz.detach()[probs > 0] / probs[probs > 0]
+    assert ((z == 0) | torch.isclose(z, torch.tensor(1 / (1 - p)))).all() and (z == 0).any()
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(dropout_p=float("nan")), ValueError, "dropout_p"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (dict(dropout_p=True), TypeError, "dropout_p"),
+    (dict(dropout_p=torch.tensor(0.1)), TypeError, "dropout_p"),
+    (dict(dropout_p=0.1, generator=3), TypeError, "generator must be a torch.Generator"),
+])
+def test_dropout_bad_arguments(changes, error, match):
+    q, k, v = _inputs(2, 4, 2, 5, 6, 8)
+    with pytest.raises(error, match=match):
+        ops.attention(q, k, v, **changes)

@@ -6,9 +6,10 @@
 
 Supported model types: gpt2, llama, qwen2, bert, roberta, t5, bart. Nothing is downloaded: the path
 is a local directory. Each model type has two small functions: its config.json -> ModelConfig
-(and back), and the table of fusedlm parameter <- Hugging Face tensor names. Where fusedlm stacks
-projections (wqkv = [q; k; v], SwiGLU's w_in = [gate; up]) the table lists the Hugging Face names
-in stacking order; GPT-2's Conv1D weights are stored transposed.
+(and back), and the table of fusedlm parameter <- Hugging Face tensor names. fusedlm's projections
+are separate (q_proj, k_proj, v_proj, o_proj; gate_proj, up_proj, down_proj), so loading is a copy,
+except GPT-2, whose c_attn stacks q, k and v (split at load, stacked again at save) and whose
+Conv1D weights are stored transposed.
 """
 from __future__ import annotations
 
@@ -49,13 +50,36 @@ def _encoder_head(arch: str, c: dict) -> dict:
     raise ValueError(f"unsupported architecture {arch!r}; supported: *ForMaskedLM, *ForSequenceClassification, *Model")
 
 
+# The config.json keys (with transformers' defaults) of ModelConfig's dropout, attn_dropout and
+# mlp_dropout for each model type; None where the model has no such dropout.
+_DROPOUT_KEYS = {
+    "gpt2": (("resid_pdrop", 0.1), ("attn_pdrop", 0.1), None),
+    "llama": (None, ("attention_dropout", 0.0), None),
+    "qwen2": (None, ("attention_dropout", 0.0), None),
+    "bert": (("hidden_dropout_prob", 0.1), ("attention_probs_dropout_prob", 0.1), None),
+    "roberta": (("hidden_dropout_prob", 0.1), ("attention_probs_dropout_prob", 0.1), None),
+    "t5": (("dropout_rate", 0.1), ("dropout_rate", 0.1), ("dropout_rate", 0.1)),
+    "bart": (("dropout", 0.1), ("attention_dropout", 0.0), ("activation_dropout", 0.0)),
+}
+_DROPOUT_FIELDS = ("dropout", "attn_dropout", "mlp_dropout")
+
+
+def _dropout_from_hf(c: dict, model_type: str) -> dict:
+    return {field: float(c.get(key[0], key[1])) for field, key in zip(_DROPOUT_FIELDS, _DROPOUT_KEYS[model_type]) if key}
+
+
+def _dropout_to_hf(cfg: ModelConfig, model_type: str) -> dict:
+    return {key[0]: getattr(cfg, field) for field, key in zip(_DROPOUT_FIELDS, _DROPOUT_KEYS[model_type]) if key}
+
+
 def config_from_hf(c: dict) -> ModelConfig:
     """A ModelConfig from the dict of a Hugging Face config.json."""
     model_type = c.get("model_type")
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
     arch = (c.get("architectures") or [""])[0]
-    special = dict(pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"))
+    special = dict(pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
+                   **_dropout_from_hf(c, model_type))
     if model_type == "gpt2":
         act = c.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
@@ -139,7 +163,7 @@ def guess_model_type(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, model_type: str) -> dict:
     """The config.json dict of the Hugging Face model matching cfg."""
     special = dict(pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                   tie_word_embeddings=cfg.tie_embeddings)
+                   tie_word_embeddings=cfg.tie_embeddings, **_dropout_to_hf(cfg, model_type))
     if model_type == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
                     n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
@@ -181,105 +205,113 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter name tables: (fusedlm name, [Hugging Face names], how) with how in
-# "" (copy; several names are stacked along dim 0), "T" (transposed Conv1D), "flat" (reshaped)
+# Parameter name tables: (fusedlm name, Hugging Face name, how, part) with how in "" (copy),
+# "T" (a transposed Conv1D weight) or "flat" (reshaped), and part None or (i, n): the i-th of n
+# equal row blocks of the Hugging Face tensor (GPT-2's c_attn stacks q, k and v).
 # ---------------------------------------------------------------------------------------------
-def _wb(ours: str, theirs: list[str], how: str = "", bias: bool = True) -> list[tuple]:
+def _wb(ours: str, theirs: str, how: str = "", bias: bool = True, part: tuple[int, int] | None = None) -> list[tuple]:
     """weight (and bias) entries of one linear layer or norm."""
-    rows = [(f"{ours}.weight", [f"{t}.weight" for t in theirs], how)]
+    rows = [(f"{ours}.weight", f"{theirs}.weight", how, part)]
     if bias:
-        rows.append((f"{ours}.bias", [f"{t}.bias" for t in theirs], ""))
+        rows.append((f"{ours}.bias", f"{theirs}.bias", "", part))
     return rows
+
+
+def _attn(ours: str, q: str, k: str, v: str, o: str, bias: bool = True, out_bias: bool | None = None) -> list[tuple]:
+    """The four projections of one attention block."""
+    out_bias = bias if out_bias is None else out_bias
+    return (_wb(f"{ours}.q_proj", q, bias=bias) + _wb(f"{ours}.k_proj", k, bias=bias) + _wb(f"{ours}.v_proj", v, bias=bias)
+            + _wb(f"{ours}.o_proj", o, bias=out_bias))
 
 
 def _table(cfg: ModelConfig, model_type: str) -> list[tuple]:
     rows: list[tuple] = []
     if model_type == "gpt2":
-        rows += [("tok_embed.weight", ["transformer.wte.weight"], ""), ("decoder.pos_embed.weight", ["transformer.wpe.weight"], "")]
+        rows += [("tok_embed.weight", "transformer.wte.weight", "", None), ("decoder.pos_embed.weight", "transformer.wpe.weight", "", None)]
         for i in range(cfg.n_layers):
             o, t = f"decoder.blocks.{i}", f"transformer.h.{i}"
-            rows += _wb(f"{o}.attn_norm", [f"{t}.ln_1"]) + _wb(f"{o}.attn.wqkv", [f"{t}.attn.c_attn"], "T")
-            rows += _wb(f"{o}.attn.wo", [f"{t}.attn.c_proj"], "T") + _wb(f"{o}.mlp_norm", [f"{t}.ln_2"])
-            rows += _wb(f"{o}.mlp.w_in", [f"{t}.mlp.c_fc"], "T") + _wb(f"{o}.mlp.w_out", [f"{t}.mlp.c_proj"], "T")
-        rows += _wb("decoder.final_norm", ["transformer.ln_f"])
+            rows += _wb(f"{o}.attn_norm", f"{t}.ln_1")
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                rows += _wb(f"{o}.attn.{name}", f"{t}.attn.c_attn", "T", part=(j, 3))
+            rows += _wb(f"{o}.attn.o_proj", f"{t}.attn.c_proj", "T") + _wb(f"{o}.mlp_norm", f"{t}.ln_2")
+            rows += _wb(f"{o}.mlp.up_proj", f"{t}.mlp.c_fc", "T") + _wb(f"{o}.mlp.down_proj", f"{t}.mlp.c_proj", "T")
+        rows += _wb("decoder.final_norm", "transformer.ln_f")
     elif model_type in ("llama", "qwen2"):
-        rows += [("tok_embed.weight", ["model.embed_tokens.weight"], "")]
+        rows += [("tok_embed.weight", "model.embed_tokens.weight", "", None)]
         for i in range(cfg.n_layers):
             o, t = f"decoder.blocks.{i}", f"model.layers.{i}"
             a = f"{t}.self_attn"
-            rows += _wb(f"{o}.attn_norm", [f"{t}.input_layernorm"], bias=False)
-            rows += _wb(f"{o}.attn.wqkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], bias=cfg.qkv_bias)
-            rows += _wb(f"{o}.attn.wo", [f"{a}.o_proj"], bias=cfg.out_bias)
-            rows += _wb(f"{o}.mlp_norm", [f"{t}.post_attention_layernorm"], bias=False)
-            rows += _wb(f"{o}.mlp.w_in", [f"{t}.mlp.gate_proj", f"{t}.mlp.up_proj"], bias=cfg.mlp_bias)
-            rows += _wb(f"{o}.mlp.w_out", [f"{t}.mlp.down_proj"], bias=cfg.mlp_bias)
-        rows += _wb("decoder.final_norm", ["model.norm"], bias=False)
+            rows += _wb(f"{o}.attn_norm", f"{t}.input_layernorm", bias=False)
+            rows += _attn(f"{o}.attn", f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", f"{a}.o_proj", cfg.qkv_bias, cfg.out_bias)
+            rows += _wb(f"{o}.mlp_norm", f"{t}.post_attention_layernorm", bias=False)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                rows += _wb(f"{o}.mlp.{name}", f"{t}.mlp.{name}", bias=cfg.mlp_bias)
+        rows += _wb("decoder.final_norm", "model.norm", bias=False)
         if not cfg.tie_embeddings:
-            rows += [("lm_head.weight", ["lm_head.weight"], "")]
+            rows += [("lm_head.weight", "lm_head.weight", "", None)]
     elif model_type in ("bert", "roberta"):
         p = f"{model_type}."
-        rows += [("tok_embed.weight", [p + "embeddings.word_embeddings.weight"], ""),
-                 ("encoder.pos_embed.weight", [p + "embeddings.position_embeddings.weight"], ""),
-                 ("encoder.type_embed.weight", [p + "embeddings.token_type_embeddings.weight"], "")]
-        rows += _wb("encoder.embed_norm", [p + "embeddings.LayerNorm"])
+        rows += [("tok_embed.weight", p + "embeddings.word_embeddings.weight", "", None),
+                 ("encoder.pos_embed.weight", p + "embeddings.position_embeddings.weight", "", None),
+                 ("encoder.type_embed.weight", p + "embeddings.token_type_embeddings.weight", "", None)]
+        rows += _wb("encoder.embed_norm", p + "embeddings.LayerNorm")
         for i in range(cfg.n_layers):
             o, t = f"encoder.blocks.{i}", f"{p}encoder.layer.{i}"
             s = f"{t}.attention.self"
-            rows += _wb(f"{o}.attn.wqkv", [f"{s}.query", f"{s}.key", f"{s}.value"])
-            rows += _wb(f"{o}.attn.wo", [f"{t}.attention.output.dense"]) + _wb(f"{o}.attn_norm", [f"{t}.attention.output.LayerNorm"])
-            rows += _wb(f"{o}.mlp.w_in", [f"{t}.intermediate.dense"]) + _wb(f"{o}.mlp.w_out", [f"{t}.output.dense"])
-            rows += _wb(f"{o}.mlp_norm", [f"{t}.output.LayerNorm"])
+            rows += _attn(f"{o}.attn", f"{s}.query", f"{s}.key", f"{s}.value", f"{t}.attention.output.dense")
+            rows += _wb(f"{o}.attn_norm", f"{t}.attention.output.LayerNorm")
+            rows += _wb(f"{o}.mlp.up_proj", f"{t}.intermediate.dense") + _wb(f"{o}.mlp.down_proj", f"{t}.output.dense")
+            rows += _wb(f"{o}.mlp_norm", f"{t}.output.LayerNorm")
         if cfg.head == "lm":
             h = "cls.predictions." if model_type == "bert" else "lm_head."
-            rows += _wb("mlm_dense", [h + ("transform.dense" if model_type == "bert" else "dense")])
-            rows += _wb("mlm_norm", [h + ("transform.LayerNorm" if model_type == "bert" else "layer_norm")])
-            rows += [("mlm_bias", [h + "bias"], "")]
+            rows += _wb("mlm_dense", h + ("transform.dense" if model_type == "bert" else "dense"))
+            rows += _wb("mlm_norm", h + ("transform.LayerNorm" if model_type == "bert" else "layer_norm"))
+            rows += [("mlm_bias", h + "bias", "", None)]
             if not cfg.tie_embeddings:
-                rows += [("mlm_decoder.weight", [h + "decoder.weight"], "")]
+                rows += [("mlm_decoder.weight", h + "decoder.weight", "", None)]
         if model_type == "bert" or cfg.head == "none":
-            rows += _wb("pooler", [p + "pooler.dense"]) if cfg.pooler else []
-            rows += _wb("classifier", ["classifier"]) if cfg.head == "classifier" else []
+            rows += _wb("pooler", p + "pooler.dense") if cfg.pooler else []
+            rows += _wb("classifier", "classifier") if cfg.head == "classifier" else []
         elif cfg.head == "classifier":  # RobertaClassificationHead: dense + tanh on <s>, then out_proj
-            rows += _wb("pooler", ["classifier.dense"]) + _wb("classifier", ["classifier.out_proj"])
+            rows += _wb("pooler", "classifier.dense") + _wb("classifier", "classifier.out_proj")
     elif model_type == "t5":
-        rows += [("tok_embed.weight", ["shared.weight"], "")]
+        rows += [("tok_embed.weight", "shared.weight", "", None)]
         for side, n_layers in (("encoder", cfg.n_layers), ("decoder", cfg.n_decoder_layers)):
-            rows += [(f"{side}.rel_bias.weight", [f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], "")]
+            rows += [(f"{side}.rel_bias.weight", f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "", None)]
             for i in range(n_layers):
                 o, t = f"{side}.blocks.{i}", f"{side}.block.{i}.layer"
                 a = f"{t}.0.SelfAttention"
-                rows += _wb(f"{o}.attn_norm", [f"{t}.0.layer_norm"], bias=False)
-                rows += _wb(f"{o}.attn.wqkv", [f"{a}.q", f"{a}.k", f"{a}.v"], bias=False) + _wb(f"{o}.attn.wo", [f"{a}.o"], bias=False)
+                rows += _wb(f"{o}.attn_norm", f"{t}.0.layer_norm", bias=False)
+                rows += _attn(f"{o}.attn", f"{a}.q", f"{a}.k", f"{a}.v", f"{a}.o", bias=False)
                 ff = 1
                 if side == "decoder":
                     c = f"{t}.1.EncDecAttention"
-                    rows += _wb(f"{o}.cross_norm", [f"{t}.1.layer_norm"], bias=False)
-                    rows += _wb(f"{o}.cross_attn.wq", [f"{c}.q"], bias=False) + _wb(f"{o}.cross_attn.wkv", [f"{c}.k", f"{c}.v"], bias=False)
-                    rows += _wb(f"{o}.cross_attn.wo", [f"{c}.o"], bias=False)
+                    rows += _wb(f"{o}.cross_norm", f"{t}.1.layer_norm", bias=False)
+                    rows += _attn(f"{o}.cross_attn", f"{c}.q", f"{c}.k", f"{c}.v", f"{c}.o", bias=False)
                     ff = 2
-                rows += _wb(f"{o}.mlp_norm", [f"{t}.{ff}.layer_norm"], bias=False)
-                rows += _wb(f"{o}.mlp.w_in", [f"{t}.{ff}.DenseReluDense.wi"], bias=False)
-                rows += _wb(f"{o}.mlp.w_out", [f"{t}.{ff}.DenseReluDense.wo"], bias=False)
-            rows += _wb(f"{side}.final_norm", [f"{side}.final_layer_norm"], bias=False)
+                rows += _wb(f"{o}.mlp_norm", f"{t}.{ff}.layer_norm", bias=False)
+                rows += _wb(f"{o}.mlp.up_proj", f"{t}.{ff}.DenseReluDense.wi", bias=False)
+                rows += _wb(f"{o}.mlp.down_proj", f"{t}.{ff}.DenseReluDense.wo", bias=False)
+            rows += _wb(f"{side}.final_norm", f"{side}.final_layer_norm", bias=False)
         if not cfg.tie_embeddings:
-            rows += [("lm_head.weight", ["lm_head.weight"], "")]
+            rows += [("lm_head.weight", "lm_head.weight", "", None)]
     else:  # bart
-        rows += [("tok_embed.weight", ["model.shared.weight"], ""), ("final_logits_bias", ["final_logits_bias"], "flat")]
+        rows += [("tok_embed.weight", "model.shared.weight", "", None), ("final_logits_bias", "final_logits_bias", "flat", None)]
         for side, n_layers in (("encoder", cfg.n_layers), ("decoder", cfg.n_decoder_layers)):
             m = f"model.{side}"
-            rows += [(f"{side}.pos_embed.weight", [f"{m}.embed_positions.weight"], "")] + _wb(f"{side}.embed_norm", [f"{m}.layernorm_embedding"])
+            rows += [(f"{side}.pos_embed.weight", f"{m}.embed_positions.weight", "", None)] + _wb(f"{side}.embed_norm", f"{m}.layernorm_embedding")
             for i in range(n_layers):
                 o, t = f"{side}.blocks.{i}", f"{m}.layers.{i}"
                 a = f"{t}.self_attn"
-                rows += _wb(f"{o}.attn.wqkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]) + _wb(f"{o}.attn.wo", [f"{a}.out_proj"])
-                rows += _wb(f"{o}.attn_norm", [f"{t}.self_attn_layer_norm"])
+                rows += _attn(f"{o}.attn", f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", f"{a}.out_proj")
+                rows += _wb(f"{o}.attn_norm", f"{t}.self_attn_layer_norm")
                 if side == "decoder":
                     c = f"{t}.encoder_attn"
-                    rows += _wb(f"{o}.cross_attn.wq", [f"{c}.q_proj"]) + _wb(f"{o}.cross_attn.wkv", [f"{c}.k_proj", f"{c}.v_proj"])
-                    rows += _wb(f"{o}.cross_attn.wo", [f"{c}.out_proj"]) + _wb(f"{o}.cross_norm", [f"{t}.encoder_attn_layer_norm"])
-                rows += _wb(f"{o}.mlp.w_in", [f"{t}.fc1"]) + _wb(f"{o}.mlp.w_out", [f"{t}.fc2"]) + _wb(f"{o}.mlp_norm", [f"{t}.final_layer_norm"])
+                    rows += _attn(f"{o}.cross_attn", f"{c}.q_proj", f"{c}.k_proj", f"{c}.v_proj", f"{c}.out_proj")
+                    rows += _wb(f"{o}.cross_norm", f"{t}.encoder_attn_layer_norm")
+                rows += _wb(f"{o}.mlp.up_proj", f"{t}.fc1") + _wb(f"{o}.mlp.down_proj", f"{t}.fc2") + _wb(f"{o}.mlp_norm", f"{t}.final_layer_norm")
         if not cfg.tie_embeddings:
-            rows += [("lm_head.weight", ["lm_head.weight"], "")]
+            rows += [("lm_head.weight", "lm_head.weight", "", None)]
     return rows
 
 
@@ -323,21 +355,22 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32, device: st
         model = build(cfg)
     ours = dict(model.state_dict())
     state, used, missing = {}, set(), []
-    for name, theirs, how in _table(cfg, model_type):
-        keys = [_lookup(tensors, t, model_type) for t in theirs]
-        if None in keys:
-            missing += [t for t, k in zip(theirs, keys) if k is None]
+    for name, theirs, how, part in _table(cfg, model_type):
+        key = _lookup(tensors, theirs, model_type)
+        if key is None:
+            missing.append(theirs)
             continue
-        used.update(keys)
-        parts = [tensors[k].t() if how == "T" else tensors[k] for k in keys]
-        value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        used.add(key)
+        value = tensors[key].t() if how == "T" else tensors[key]
+        if part is not None:
+            value = value.chunk(part[1], dim=0)[part[0]]
         if how == "flat":
             value = value.reshape(-1)
         want = tuple(ours[name].shape)
         if tuple(value.shape) != want:
-            raise ValueError(f"checkpoint tensor {'+'.join(keys)} has shape {list(value.shape)} but the config "
-                             f"({config_path}) makes fusedlm's {name} {list(want)}")
-        state[name] = value
+            raise ValueError(f"checkpoint tensor {key}{'' if part is None else f' (part {part[0] + 1} of {part[1]})'} has shape "
+                             f"{list(value.shape)} but the config ({config_path}) makes fusedlm's {name} {list(want)}")
+        state[name] = value.contiguous()
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors the config needs: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.search(k))
@@ -358,30 +391,19 @@ def save_pretrained(model, path: str, *, model_type: str | None = None) -> None:
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
     ours = model.state_dict()
-    tensors = {}
-    for name, theirs, how in _table(cfg, model_type):
+    pieces: dict[str, list] = {}  # Hugging Face name -> [(part index, tensor)], transposed back at the end
+    hows = {}
+    for name, theirs, how, part in _table(cfg, model_type):
         value = ours[name].detach().cpu()
-        if how == "flat":
-            value = value.reshape(1, -1)
-        if len(theirs) == 1:
-            tensors[theirs[0]] = value.t() if how == "T" else value
-            continue
-        sizes = _split_sizes(cfg, name, len(theirs))
-        for t, part in zip(theirs, value.split(sizes, dim=0)):
-            tensors[t] = part
+        pieces.setdefault(theirs, []).append((0 if part is None else part[0], value.reshape(1, -1) if how == "flat" else value))
+        hows[theirs] = how
+    tensors = {}
+    for theirs, parts in pieces.items():
+        value = torch.cat([t for _, t in sorted(parts, key=lambda item: item[0])], dim=0)
+        tensors[theirs] = value.t() if hows[theirs] == "T" else value
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"model_type": model_type, **config_to_hf(cfg, model_type)}, f, indent=2)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
-
-def _split_sizes(cfg: ModelConfig, name: str, n: int) -> list[int]:
-    """Row counts of the stacked projections: wqkv = [q; k; v], wkv = [k; v], w_in = [gate; up]."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    if ".wqkv." in name:
-        return [q, kv, kv]
-    if ".wkv." in name:
-        return [kv, kv]
-    return [cfg.d_ff] * n

@@ -41,6 +41,10 @@ class ModelConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    # dropout (training only: model.train())
+    dropout: float = 0.0  # embeddings and each sublayer's output before the residual add
+    attn_dropout: float = 0.0  # attention probabilities (ops.attention dropout_p)
+    mlp_dropout: float = 0.0  # after the MLP activation (BART activation_dropout, T5 dropout_rate)
     # positions
     positions: str = "rope"  # learned | sinusoidal | rope | t5 (relative bias) | none
     rope_base: float = 10000.0
@@ -80,6 +84,9 @@ class ModelConfig:
             self.n_decoder_layers = self.n_layers
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        for name in ("dropout", "attn_dropout", "mlp_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.head == "classifier" and not self.pooler:
             raise ValueError("head='classifier' needs pooler=True (the head reads the pooled first token)")
 

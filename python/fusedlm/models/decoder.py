@@ -3,6 +3,7 @@
     model = DecoderLM(get_config("llama-tiny"))
     out = model(ids, attention_mask=mask)                 # out.logits (B, N, V)
     out = model(ids, prefix_len=torch.tensor([3, 5]))     # prefix-LM: the first 3 / 5 keys bidirectional
+    out = model(inputs_embeds=x, attention_mask=mask)     # embeddings in (soft prompts)
     ids = model.generate(ids, max_new_tokens=20)          # greedy, with the KV cache
 
 Batches are left-padded: attention_mask (B, N) marks real tokens, and positions count real tokens
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import KVCache, ModelOutput, Stack, check_ids, check_mask, lm_loss
+from .layers import KVCache, ModelOutput, Stack, lm_loss, routing, token_inputs
 
 
 class DecoderLM(nn.Module):
@@ -32,46 +33,48 @@ class DecoderLM(nn.Module):
         p = self.tok_embed.weight
         return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device)
 
-    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, prefix_len=None,
-                labels: torch.Tensor | None = None, cache: KVCache | None = None, output_hidden_states: bool = False,
-                last_logits_only: bool = False) -> ModelOutput:
-        """input_ids (B, N): the new tokens (all of them, or those after the cache's); attention_mask
-        (B, N) for these tokens (the cache remembers earlier ones). prefix_len (int or (B,)): keys
-        before it are seen by every query (mask "prefix"); required when config.mask is "prefix".
-        last_logits_only: logits (B, 1, V) of the last position only (all generation needs)."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
+        return self.tok_embed(input_ids) * self.config.embed_scale
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """LM logits (..., V) of hidden states (..., d) (the tied embedding or lm_head)."""
+        return F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, prefix_len=None,
+                prefix_kv=None, labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False, last_logits_only: bool = False, return_logits: bool = True) -> ModelOutput:
+        """input_ids (B, N) — or inputs_embeds (B, N, d) — the new tokens (all of them, or those
+        after the cache's); attention_mask (B, N) for these tokens (the cache remembers earlier
+        ones). position_ids (B, N): explicit positions (default: pad-aware counting, see the module
+        docstring). prefix_len (int or (B,)): keys before it are seen by every query (mask "prefix");
+        required when config.mask is "prefix". prefix_kv: per layer (k, v) (B, Hkv, P, D) seen by
+        every query, counted as P past tokens (prefix tuning; with a cache, on the first call only).
+        adapter_ids / task_ids (B,): published to PEFT layers (see layers.routing).
+        last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
+        return_logits=False: no logits (hidden states only)."""
         cfg = self.config
-        check_ids("input_ids", input_ids, cfg.vocab_size)
-        mask = check_mask("attention_mask", attention_mask, input_ids)
+        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if cfg.mask == "prefix" and prefix_len is None:
             raise ValueError("this model's config.mask is 'prefix': pass prefix_len (an int or a LongTensor [B])")
-        x = self.tok_embed(input_ids) * cfg.embed_scale  # (B, N, d)
-        h, hidden = self.decoder(x, mask, attn_mask="causal" if prefix_len is None else "prefix", prefix_len=prefix_len, cache=cache)
         if last_logits_only and labels is not None:
             raise ValueError("labels need the logits of every position: drop last_logits_only")
-        weight = self.tok_embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h[:, -1:] if last_logits_only else h, weight)  # (B, N or 1, V)
+        if labels is not None and not return_logits:
+            raise ValueError("labels need logits: drop return_logits=False")
+        with routing(x.shape[0], adapter_ids, task_ids):
+            h, hidden = self.decoder(x, mask, attn_mask="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
+                                     position_ids=position_ids, prefix_kv=prefix_kv, cache=cache)
+            logits = None
+            if return_logits:
+                logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=True),
                            hidden_states=hidden if output_hidden_states else None)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                 prefix_len=None, eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding with the KV cache: (B, N) -> (B, N + up to max_new_tokens). After a row
-        emits eos_token_id it gets pad_token_id (default: eos); it stops when every row is done."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-        b, n = input_ids.shape
-        cache = self.new_cache(b, n + max_new_tokens)
-        logits = self(input_ids, attention_mask=attention_mask, prefix_len=prefix_len, cache=cache, last_logits_only=True).logits
-        tokens, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            next_id = logits[:, -1].argmax(-1)  # (B,)
-            if eos_token_id is not None:
-                next_id = torch.where(done, pad_token_id, next_id)
-                done |= next_id == eos_token_id
-            tokens.append(next_id[:, None])
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = self(next_id[:, None], prefix_len=prefix_len, cache=cache).logits  # (B, 1, V)
-        return torch.cat(tokens, dim=1)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """``fusedlm.generation.generate(self, input_ids, max_new_tokens=..., **kwargs)``: greedy,
+        sampling, beam or contrastive search with transformers' arguments (see there)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

@@ -3,6 +3,7 @@ head, or no head (hidden states and the pooled first token).
 
     model = EncoderLM(get_config("bert-tiny"))
     out = model(ids, attention_mask=mask)          # out.logits (B, N, V), out.last_hidden_state (B, N, d)
+    out = model(ids, return_logits=False)          # hidden states only (sentence embeddings)
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import ModelOutput, Stack, check_ids, check_mask, lm_loss
+from .layers import ModelOutput, Stack, check_ids, lm_loss, routing, token_inputs
 
 
 class EncoderLM(nn.Module):
@@ -30,27 +31,38 @@ class EncoderLM(nn.Module):
             self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.pooler = nn.Linear(d, d) if config.pooler else None
         self.classifier = nn.Linear(d, config.n_labels) if config.head == "classifier" else None
+        self.classifier_dropout = nn.Dropout(config.dropout)  # on the pooled vector, as BERT's classifier
 
-    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> ModelOutput:
-        """labels: (B, N) token ids for the MLM head (-100 ignored), (B,) classes for the classifier."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
+        return self.tok_embed(input_ids) * self.config.embed_scale
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, prefix_kv=None, labels: torch.Tensor | None = None,
+                adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                output_hidden_states: bool = False, return_logits: bool = True) -> ModelOutput:
+        """input_ids (B, N) or inputs_embeds (B, N, d); labels: (B, N) token ids for the MLM head
+        (-100 ignored), (B,) classes for the classifier. prefix_kv, position_ids, adapter_ids,
+        task_ids: as in DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
         cfg = self.config
-        check_ids("input_ids", input_ids, cfg.vocab_size)
-        mask = check_mask("attention_mask", attention_mask, input_ids)
+        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if token_type_ids is not None:
             check_ids("token_type_ids", token_type_ids, max(cfg.type_vocab_size, 1))
-        x = self.tok_embed(input_ids) * cfg.embed_scale  # (B, N, d)
-        h, hidden = self.encoder(x, mask, attn_mask="bidirectional", token_type_ids=token_type_ids)
-        pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
-        logits, loss = None, None
-        if cfg.head == "lm":
-            t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
-            weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
-            logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
-            loss = lm_loss(logits, labels, shift=False)
-        elif cfg.head == "classifier":
-            logits = self.classifier(pooled)  # (B, n_labels)
-            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        if labels is not None and not return_logits:
+            raise ValueError("labels need logits: drop return_logits=False")
+        with routing(x.shape[0], adapter_ids, task_ids):
+            h, hidden = self.encoder(x, mask, attn_mask="bidirectional", token_type_ids=token_type_ids,
+                                     position_ids=position_ids, prefix_kv=prefix_kv)
+            pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
+            logits, loss = None, None
+            if cfg.head == "lm" and return_logits:
+                t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
+                weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
+                logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
+                loss = lm_loss(logits, labels, shift=False)
+            elif cfg.head == "classifier" and return_logits:
+                logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)
+                loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=loss, pooled=pooled,
                            hidden_states=hidden if output_hidden_states else None)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import KVCache, ModelOutput, Stack, check_ids, check_mask, lm_loss
+from .layers import KVCache, ModelOutput, Stack, lm_loss, routing, token_inputs
 
 
 class Seq2SeqLM(nn.Module):
@@ -28,12 +28,24 @@ class Seq2SeqLM(nn.Module):
         if config.final_logits_bias:
             self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, M) source ids -> (B, M, d) encoder output."""
-        check_ids("input_ids", input_ids, self.config.vocab_size)
-        mask = check_mask("attention_mask", attention_mask, input_ids)
-        x = self.tok_embed(input_ids) * self.config.embed_scale
-        return self.encoder(x, mask, attn_mask="bidirectional")[0]
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, N, d) of input_ids (source or target), scale included."""
+        return self.tok_embed(input_ids) * self.config.embed_scale
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """LM logits (..., V) of decoder hidden states (..., d): T5's rescale, the (tied) head, BART's bias."""
+        if self.config.rescale_tied_head:
+            h = h * self.config.d_model**-0.5
+        logits = F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)
+        return logits + self.final_logits_bias if self.config.final_logits_bias else logits
+
+    def encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+               inputs_embeds: torch.Tensor | None = None, encoder_prefix_kv=None, adapter_ids: torch.Tensor | None = None,
+               task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M) source ids (or inputs_embeds (B, M, d)) -> (B, M, d) encoder output."""
+        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)
+        with routing(x.shape[0], adapter_ids, task_ids):
+            return self.encoder(x, mask, attn_mask="bidirectional", prefix_kv=encoder_prefix_kv)[0]
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: decoder_start_token_id, then labels[:, :-1] (-100 -> pad)."""
@@ -45,54 +57,43 @@ class Seq2SeqLM(nn.Module):
         p = self.tok_embed.weight
         return KVCache(self.config, self.config.n_decoder_layers, batch, max_len, dtype=p.dtype, device=p.device)
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, encoder_out: torch.Tensor | None = None,
-                cache: KVCache | None = None, output_hidden_states: bool = False) -> ModelOutput:
-        """Either input_ids (encoded here) or encoder_out (B, M, d) from :meth:`encode`; attention_mask
-        (B, M) is the source's. decoder_input_ids default to labels shifted right."""
-        cfg = self.config
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                decoder_inputs_embeds: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, encoder_out: torch.Tensor | None = None, cache: KVCache | None = None,
+                prefix_kv=None, cross_prefix_kv=None, encoder_prefix_kv=None, adapter_ids: torch.Tensor | None = None,
+                task_ids: torch.Tensor | None = None, output_hidden_states: bool = False, last_logits_only: bool = False,
+                return_logits: bool = True) -> ModelOutput:
+        """Either input_ids / inputs_embeds (encoded here) or encoder_out (B, M, d) from :meth:`encode`;
+        attention_mask (B, M) is the source's. decoder_input_ids (or decoder_inputs_embeds) default
+        to labels shifted right. prefix_kv / cross_prefix_kv: per decoder layer (k, v) placed before
+        the keys of its self- / cross-attention; encoder_prefix_kv: per encoder layer (prefix tuning).
+        adapter_ids / task_ids (B,): published to PEFT layers (see layers.routing)."""
         if encoder_out is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or encoder_out")
-            encoder_out = self.encode(input_ids, attention_mask)  # (B, M, d)
-        memory_mask = None if attention_mask is None else attention_mask.bool()
-        if decoder_input_ids is None:
+            if input_ids is None and inputs_embeds is None:
+                raise ValueError("pass input_ids, inputs_embeds or encoder_out")
+            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds,
+                                      encoder_prefix_kv=encoder_prefix_kv, adapter_ids=adapter_ids, task_ids=task_ids)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
-                raise ValueError("pass decoder_input_ids or labels")
+                raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels")
             decoder_input_ids = self.shift_right(labels)
-        check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size)
-        mask = check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
-        x = self.tok_embed(decoder_input_ids) * cfg.embed_scale  # (B, N, d)
-        h, hidden = self.decoder(x, mask, attn_mask="causal", cache=cache, memory=encoder_out, memory_mask=memory_mask)
-        if cfg.rescale_tied_head:
-            h = h * cfg.d_model**-0.5
-        logits = F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, N, V)
-        if cfg.final_logits_bias:
-            logits = logits + self.final_logits_bias
+        x, mask = token_inputs(self, "decoder_input_ids", decoder_input_ids, decoder_inputs_embeds,
+                               "decoder_attention_mask", decoder_attention_mask)  # (B, N, d)
+        if last_logits_only and labels is not None:
+            raise ValueError("labels need the logits of every position: drop last_logits_only")
+        if labels is not None and not return_logits:
+            raise ValueError("labels need logits: drop return_logits=False")
+        with routing(x.shape[0], adapter_ids, task_ids):
+            h, hidden = self.decoder(x, mask, attn_mask="causal", cache=cache, prefix_kv=prefix_kv, memory=encoder_out,
+                                     memory_mask=attention_mask, cross_prefix_kv=cross_prefix_kv)
+            logits = self.head(h[:, -1:] if last_logits_only else h) if return_logits else None  # (B, N or 1, V)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=False),
                            hidden_states=hidden if output_hidden_states else None, encoder_last_hidden_state=encoder_out)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding: (B, M) source -> (B, 1 + up to max_new_tokens) target ids, starting
-        with decoder_start_token_id; rows after eos_token_id get pad_token_id (default: config's)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        b = input_ids.shape[0]
-        memory = self.encode(input_ids, attention_mask)
-        cache = self.new_cache(b, 1 + max_new_tokens)
-        tokens = [torch.full((b, 1), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)]
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(decoder_input_ids=tokens[-1], attention_mask=attention_mask, encoder_out=memory, cache=cache).logits
-            next_id = logits[:, -1].argmax(-1)  # (B,)
-            if eos_token_id is not None:
-                next_id = torch.where(done, pad_token_id, next_id)
-                done |= next_id == eos_token_id
-            tokens.append(next_id[:, None])
-            if bool(done.all()):
-                break
-        return torch.cat(tokens, dim=1)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """``fusedlm.generation.generate(self, input_ids, max_new_tokens=..., **kwargs)``: greedy,
+        sampling, beam or contrastive search with transformers' arguments (see there)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

@@ -162,6 +162,17 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 _PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
+# Run as plain Python even while torch.compile traces the caller (dynamo cannot trace warnings.warn,
+# so a direct call would break a fullgraph compile); the result is a constant to the graph.
+@torch._dynamo.assume_constant_result
+def _warn_fallback(op: str, backend: str, reason: str) -> bool:
+    if (op, backend, reason) not in _warned:
+        _warned.add((op, backend, reason))
+        warnings.warn(f"fusedlm.ops.{op}: not using the {backend} backend ({reason}); falling back to reference",
+                      RuntimeWarning, stacklevel=4)
+    return True
+
+
 class Dispatcher:
     """Implementations of one op, keyed by backend name.
 
@@ -217,14 +228,8 @@ class Dispatcher:
                 break
             skipped = skipped or (self.op, backend, reason)
         # Falling from a kernel to the reference path is a real slowdown: say so, once.
-        if backend == "reference" and skipped is not None and skipped not in _warned:
-            _warned.add(skipped)
-            warnings.warn(
-                f"fusedlm.ops.{self.op}: not using the {skipped[1]} backend ({skipped[2]}); "
-                "falling back to reference",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if backend == "reference" and skipped is not None:
+            _warn_fallback(*skipped)
         return backend
 
     def __call__(self, backend: str, *args, **kwargs):

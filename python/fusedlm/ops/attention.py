@@ -7,10 +7,17 @@ Public API (DESIGN.md): :func:`attention`. The mask rules and numerics are docum
 Backends: ``reference`` (plain PyTorch), ``cpu`` (``csrc/cpu/attention.cpp``: float32 and bfloat16)
 and ``triton`` (``kernels/attention.py``). Each returns the output and the per-row log-sum-exp
 (float32, -inf for rows that see no key); the backward recomputes the probabilities from it.
+
+Dropout on the probabilities (``dropout_p > 0``, training): the wrapper draws one seed per call and
+passes it to the op as a tensor; forward and backward regenerate the same keep mask from it with
+the counter-based recipe of :func:`fusedlm.reference.attention.dropout_keep`, so nothing of size
+``Nq x Nk`` is saved. Only the reference backend implements it so far: cpu and triton report
+dropout as unsupported (a fallback with a warning, or an error when forced).
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -26,14 +33,22 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cpu_supports(dtype: torch.dtype, **facts) -> str | None:
+def _cpu_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str | None:
     if dtype not in (torch.float32, torch.bfloat16):
         return f"the cpu kernel supports float32 and bfloat16, got {dtype}"
-    return None
+    return "the cpu kernel does not implement dropout_p > 0 yet" if dropout else None
 
 
-def _triton_supports(dtype: torch.dtype, **facts) -> str | None:
-    return None if dtype in _checks.FLOAT_DTYPES else f"the triton kernel does not support {dtype}"
+def _triton_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str | None:
+    if dtype not in _checks.FLOAT_DTYPES:
+        return f"the triton kernel does not support {dtype}"
+    return "the triton kernel does not implement dropout_p > 0 yet" if dropout else None
+
+
+def _no_dropout(backend: str, dropout_p: float) -> None:
+    """The kernels' guard until they implement the mask (choose() never picks them for dropout)."""
+    if dropout_p > 0:
+        raise NotImplementedError(f"the {backend} attention kernel does not implement dropout_p > 0 yet")
 
 
 _forward = Dispatcher("attention")
@@ -58,11 +73,12 @@ def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward backends: (q, k, v, mode, prefix_len, key_padding_mask, bias, scale) -> (out, lse)
+# Forward backends: (q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed)
+# -> (out, lse); seed is a Python int (ignored when dropout_p == 0)
 # ---------------------------------------------------------------------------------------------
 @_forward.register("reference")
-def _forward_reference(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
-    out, lse = ref.attention_lse(q, k, v, mode, prefix_len, key_padding_mask, bias, scale)
+def _forward_reference(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
+    out, lse = ref.attention_lse(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
@@ -72,7 +88,8 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 @_forward.register("cpu", supports=_cpu_supports)
-def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
+def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
+    _no_dropout("cpu", dropout_p)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -89,9 +106,10 @@ def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
 
 
 @_forward.register("triton", supports=_triton_supports)
-def _forward_triton(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
+def _forward_triton(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
     from ..kernels import attention as kernels
 
+    _no_dropout("triton", dropout_p)
     out, lse = kernels.forward(q, k, v, mode, prefix_len, key_padding_mask, _expanded_bias(bias, q, k.shape[2]), scale)
     return out, lse
 
@@ -99,13 +117,15 @@ def _forward_triton(q, k, v, mode, prefix_len, key_padding_mask, bias, scale):
 @torch.library.custom_op("fusedlm::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: int, prefix_len: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None, scale: float, backend: str,
+    key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None, scale: float, dropout_p: float,
+    seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(backend, q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale)
+    seed = 0 if seed is None else int(seed)  # int64 scalar tensor (so torch.compile can draw it in-graph)
+    return _forward(backend, q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed)
 
 
 @_attention_op.register_fake
-def _(q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, backend):
+def _(q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
@@ -113,8 +133,10 @@ def _(q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, backend):
 # Backward backends: -> (dq, dk, dv, dbias [B, Hq, Nq, Nk] or an empty tensor)
 # ---------------------------------------------------------------------------------------------
 @_backward.register("reference")
-def _backward_reference(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, bias_grad):
-    dq, dk, dv, ds = ref.attention_backward(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale)
+def _backward_reference(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
+                        bias_grad):
+    dq, dk, dv, ds = ref.attention_backward(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale,
+                                            dropout_p, seed)
     return dq, dk, dv, ds if bias_grad else q.new_empty(0)
 
 
@@ -127,7 +149,9 @@ def _cpu_splits(b: int, hkv: int, nk: int, threads: int, key_tile: int = 128) ->
 
 
 @_backward.register("cpu", supports=_cpu_supports)
-def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, bias_grad):
+def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
+                  bias_grad):
+    _no_dropout("cpu", dropout_p)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -152,9 +176,11 @@ def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mas
 
 
 @_backward.register("triton", supports=_triton_supports)
-def _backward_triton(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, bias_grad):
+def _backward_triton(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
+                     bias_grad):
     from ..kernels import attention as kernels
 
+    _no_dropout("triton", dropout_p)
     dq, dk, dv, dbias = kernels.backward(
         grad_out.contiguous(), q, k, v, out, lse, mode, prefix_len, key_padding_mask,
         _expanded_bias(bias, q, k.shape[2]), scale,
@@ -168,16 +194,20 @@ def _backward_triton(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_
 def _attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     mask_mode: int, prefix_len: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-    bias: torch.Tensor | None, scale: float, bias_grad: bool, backend: str,
+    bias: torch.Tensor | None, scale: float, dropout_p: float, seed: torch.Tensor | None, bias_grad: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = 0 if seed is None else int(seed)
     dq, dk, dv, dbias = _backward(
-        backend, grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, bias_grad
+        backend, grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
+        bias_grad,
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, bias_grad, backend):
+def _(grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, bias_grad,
+      backend):
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     dbias = q.new_empty((b, hq, nq, nk), dtype=_lse_dtype(q.dtype)) if bias_grad else q.new_empty(0)
@@ -187,22 +217,23 @@ def _(grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, backend = inputs
+    q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, prefix_len, key_padding_mask, bias)
-    ctx.meta = (mask_mode, scale, backend)
+    ctx.save_for_backward(q, k, v, out, lse, prefix_len, key_padding_mask, bias, seed)
+    ctx.meta = (mask_mode, scale, dropout_p, backend)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     # lse is an internal output (the public op returns only `out`): its gradient is ignored.
-    q, k, v, out, lse, prefix_len, key_padding_mask, bias = ctx.saved_tensors
-    mask_mode, scale, backend = ctx.meta
+    q, k, v, out, lse, prefix_len, key_padding_mask, bias, seed = ctx.saved_tensors
+    mask_mode, scale, dropout_p, backend = ctx.meta
     bias_grad = bias is not None and ctx.needs_input_grad[6]
     dq, dk, dv, dbias = _attention_backward_op(
-        grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, bias_grad, backend
+        grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, bias_grad,
+        backend,
     )
     grad_bias = _reduce_bias_grad(dbias, bias) if bias_grad else None
-    return dq, dk, dv, None, None, None, grad_bias, None, None
+    return dq, dk, dv, None, None, None, grad_bias, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
@@ -245,6 +276,8 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Masked scaled-dot-product attention, ``softmax(scale * q k^T + bias + mask) v``.
 
@@ -260,9 +293,17 @@ def attention(
         bias: additive float scores broadcastable to ``[B, Hq, Nq, Nk]`` (T5 relative position
             bias, ALiBi); differentiable.
         scale: multiplies ``q k^T``; defaults to ``1 / sqrt(D)``.
+        dropout_p: dropout on the attention probabilities, in [0, 1) (training only: pass 0 in eval,
+            as with torch's SDPA). The normalised probabilities are zeroed with probability p and the
+            kept ones scaled by ``1 / (1 - p)``, after the softmax. 0 (the default) is the exact
+            no-dropout path. The reference backend implements it for now (the others fall back).
+        generator: the torch.Generator one 62-bit dropout seed is drawn from per call (default: torch's
+            CPU generator); the same generator state gives the same mask, output and gradients. Under
+            ``torch.compile(fullgraph=True)`` pass None: dynamo cannot trace a Generator argument.
 
     Returns ``[B, Hq, Nq, D]`` in q's dtype. Accumulation is float32 for bfloat16/float16. A query
-    row that sees no key (or whose visible scores are all -inf) returns zeros and zero gradients.
+    row that sees no key (or whose visible scores are all -inf) returns zeros and zero gradients,
+    with or without dropout.
     """
     _checks.tensor("q", q, dtypes=_ATTENTION_DTYPES, ndim=4)
     _checks.tensor("k", k, dtypes=_ATTENTION_DTYPES, ndim=4)
@@ -296,6 +337,17 @@ def attention(
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    backend = _forward.choose(device, dtype=q.dtype, head_dim=d)
-    out, _ = _attention_op(q, k, v, ref.MASK_MODES[mask], prefix, key_padding_mask, bias, float(scale), backend)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    seed = None
+    if dropout_p > 0:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        seed = torch.randint(0, 2**62, (), generator=generator, device=gen_device)
+    backend = _forward.choose(device, dtype=q.dtype, head_dim=d, dropout=dropout_p > 0)
+    out, _ = _attention_op(q, k, v, ref.MASK_MODES[mask], prefix, key_padding_mask, bias, float(scale),
+                           float(dropout_p), seed, backend)
     return out

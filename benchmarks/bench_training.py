@@ -1,0 +1,221 @@
+"""Training steps on the CPU: a LLaMA-shaped model in fusedlm's Trainer vs the same weights in
+transformers' LlamaForCausalLM (attn_implementation="sdpa") driven by the same AdamW loop, and vs
+trl's SFTTrainer / DPOTrainer (offline: a word-level tokenizer built in memory), fp32.
+
+Cases (one optimizer step each, AdamW lr 1e-5, gradient clipping at 1.0, batch B sequences of N
+tokens; tok_per_s = B·N / step time):
+- SFT: each sequence a prompt of N/2 tokens and a response of N/2 (the last one EOS); the loss on
+  the response only (fusedlm: lm_loss; transformers: labels -100 on the prompt; trl:
+  prompt/completion dataset, completion_only_loss).
+- DPO: B/2 preference pairs (prompt N/2 tokens, chosen and rejected N/2 each), the reference a
+  frozen copy run every step (fusedlm: DPO(frozen_copy(model)); trl: DPOTrainer with ref_model).
+
+Shapes: the quick set uses 2 layers, d=256, N=128, B=4, fp32; ``--full`` the issue's 8 layers,
+d=512, 8 heads, d_ff=1408, N=512, B=4, in fp32 and in bf16 autocast (fp32 master weights; trl's
+default, which its configs turn on unless told otherwise); vocab 32000 in both. fusedlm and the transformers loop are timed
+in alternating rounds; trl's trainers run their own loop (a callback times each step) between
+them. The machine's load changes during a run: quote ratios of the same run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ._harness import Row
+
+SUITE = "training"
+V = 32000
+
+
+def _shape(full: bool) -> dict:
+    if full:
+        return dict(n_layers=8, d_model=512, n_heads=8, d_ff=1408, seq=512, batch=4)
+    return dict(n_layers=2, d_model=256, n_heads=4, d_ff=704, seq=128, batch=4)
+
+
+def _models(s: dict):
+    from fusedlm.interop import hf
+    from fusedlm.models import DecoderLM, get_config
+
+    torch.manual_seed(0)
+    cfg = get_config("llama-7b", d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_heads"],
+                     d_ff=s["d_ff"], vocab_size=V, max_seq_len=4096, eos_token_id=2, pad_token_id=0)
+    ours = DecoderLM(cfg)
+    try:
+        import transformers
+    except ImportError:
+        return ours, None
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(ours, path)
+        peer = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    return ours, peer
+
+
+def _data(s: dict, n_examples: int):
+    """Token ids of SFT examples and preference pairs: prompt N/2, responses N/2 (EOS last)."""
+    g = torch.Generator().manual_seed(0)
+    half = s["seq"] // 2
+    ids = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    sft = [(ids(half), ids(half - 1)) for _ in range(n_examples)]
+    pairs = [(ids(half), ids(half - 1), ids(half - 1)) for _ in range(n_examples)]
+    return sft, pairs
+
+
+def _time_steps(step, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _alternating(fns: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Median step time (ms) of each fn, timed in alternating rounds after one warm-up step each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += _time_steps(fn, per_round)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+def _fusedlm_sft(model, sft, s, bf16):
+    from fusedlm.training import Trainer, lm_loss
+    from fusedlm.training.sft import sft_example
+
+    data = [sft_example(p, r, eos_token_id=2) for p, r in sft]
+    trainer = Trainer(model, lm_loss, data, batch_size=s["batch"], max_steps=10**9, lr=1e-5, schedule="constant",
+                      max_grad_norm=1.0, bf16=bf16, progress=False)
+    return trainer.train_step
+
+
+def _hf_sft(peer, sft, s, bf16):
+    from fusedlm.training import pad_collate
+    from fusedlm.training.sft import sft_example
+
+    batch = pad_collate([sft_example(p, r, eos_token_id=2) for p, r in sft[: s["batch"]]])
+    opt = torch.optim.AdamW(peer.parameters(), lr=1e-5)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = peer(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _fusedlm_dpo(model, pairs, s, bf16):
+    from fusedlm.training import Trainer
+    from fusedlm.training.dpo import DPO, frozen_copy
+    from fusedlm.training.preference import preference_example
+
+    data = [preference_example(p, c, r, eos_token_id=2) for p, c, r in pairs]
+    trainer = Trainer(model, DPO(frozen_copy(model)), data, batch_size=s["batch"] // 2, max_steps=10**9, lr=1e-5,
+                      schedule="constant", max_grad_norm=1.0, bf16=bf16, progress=False)
+    return trainer.train_step
+
+
+SPECIAL = {0: "<pad>", 1: "<unk>", 2: "<eos>"}  # never substrings of a word (special tokens match anywhere)
+
+
+def _tokenizer():
+    """A word-level tokenizer "t3" .. "t31999" -> 3 .. 31999 plus <pad> 0, <unk> 1, <eos> 2, built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={SPECIAL.get(i, f"t{i}"): i for i in range(V)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def _text(ids) -> str:
+    return " ".join(f"t{i}" for i in ids)
+
+
+def _trl_steps(kind: str, peer, examples, s, steps: int, bf16: bool) -> list[float] | str:
+    """Step times (s) of trl's SFTTrainer / DPOTrainer on the same model, or why it could not run."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        import trl
+        from datasets import Dataset
+        from transformers import TrainerCallback
+    except ImportError as e:
+        return f"not installed ({e.name})"
+
+    class Timer(TrainerCallback):
+        times: list = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    timer.times = []
+    with tempfile.TemporaryDirectory() as out:
+        common = dict(output_dir=out, report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True,
+                      dataloader_num_workers=0, learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0,
+                      max_steps=steps, max_length=s["seq"], bf16=bf16)
+        # completions start with a space: the word-level tokenizer then splits prompt + completion as each alone
+        if kind == "sft":
+            ds = Dataset.from_list([{"prompt": _text(p), "completion": " " + _text(r)} for p, r in examples])
+            trainer = trl.SFTTrainer(model=peer, processing_class=_tokenizer(), train_dataset=ds, callbacks=[timer],
+                                     args=trl.SFTConfig(**common, per_device_train_batch_size=s["batch"]))
+        else:
+            ds = Dataset.from_list([{"prompt": _text(p), "chosen": " " + _text(c), "rejected": " " + _text(r)}
+                                    for p, c, r in examples])
+            trainer = trl.DPOTrainer(model=peer, ref_model=copy.deepcopy(peer).eval(), processing_class=_tokenizer(),
+                                     train_dataset=ds, callbacks=[timer],
+                                     args=trl.DPOConfig(**common, per_device_train_batch_size=s["batch"] // 2))
+        trainer.train()
+    return timer.times[1:]  # the first step warms up
+
+
+def _trl_row(kind: str, peer, examples, s, steps: int, case: str, bf16: bool) -> list[Row]:
+    name = "trl SFTTrainer" if kind == "sft" else "trl DPOTrainer"
+    times = _trl_steps(kind, peer, examples, s, steps, bf16)
+    if isinstance(times, str):
+        print(f"{name} skipped: {times}")
+        return []
+    ms = 1e3 * statistics.median(times)
+    return [Row(SUITE, case, name, ms, {"tok_per_s": s["batch"] * s["seq"] / ms * 1e3})]
+
+
+def run(full: bool = False) -> list[Row]:
+    s = _shape(full)
+    ours, peer = _models(s)
+    if peer is None:
+        print("transformers not installed: peers skipped")
+    sft, pairs = _data(s, 64)
+    tokens = s["batch"] * s["seq"]
+    rounds, per_round, trl_steps = (3, 2, 6) if full else (3, 2, 5)
+    rows = []
+    for bf16 in (False, True) if full else (False,):
+        tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} {'bf16 autocast' if bf16 else 'fp32'}"
+        case = f"SFT step, loss on the response half, {tag}"
+        fns = {"fusedlm Trainer": _fusedlm_sft(copy.deepcopy(ours), sft, s, bf16)}
+        if peer is not None:
+            fns["transformers + AdamW loop"] = _hf_sft(copy.deepcopy(peer), sft, s, bf16)
+        for name, ms in _alternating(fns, rounds, per_round).items():
+            rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
+        if peer is not None:
+            rows += _trl_row("sft", copy.deepcopy(peer), sft, s, trl_steps, case, bf16)
+        case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
+        for name, ms in _alternating({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)},
+                                     rounds, per_round).items():
+            rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
+        if peer is not None:
+            rows += _trl_row("dpo", copy.deepcopy(peer), pairs, s, trl_steps, case, bf16)
+    return rows

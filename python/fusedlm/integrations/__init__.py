@@ -1,0 +1,149 @@
+"""fusedlm's kernels inside Hugging Face transformers, peft and bitsandbytes models.
+
+    from fusedlm import integrations
+    report = integrations.apply(model)   # a transformers model, a peft model, bnb 4-bit or not
+    print(report)                        # what now runs on fusedlm, what was left alone and why
+    integrations.undo(model)             # or report.undo(): the original modules and settings
+
+:func:`apply` patches in place: attention (``attn_implementation="fusedlm"``, see
+:mod:`.transformers`), peft LoRA ``Linear`` layers (:mod:`.peft`), bitsandbytes NF4
+``Linear4bit`` layers (:mod:`.bnb`) and sampling in ``generate`` (:mod:`.sampling`). Modules
+keep their classes, parameters and state dicts; only forwards (and the attention setting) change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from typing import Callable
+
+import torch
+
+__all__ = ["apply", "undo", "Report"]
+
+
+def __getattr__(name: str):  # fusedlm.integrations.transformers etc. without importing every peer up front
+    if name in ("transformers", "peft", "bnb", "sampling"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass
+class Report:
+    """What :func:`apply` did: ``patched`` and ``left_alone`` hold (module name, what / why) pairs."""
+
+    patched: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    left_alone: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    _undo: list[Callable[[], None]] = dataclasses.field(default_factory=list, repr=False)
+
+    def undo(self) -> None:
+        """Restores every patched module and setting (most recent first); a second call does nothing."""
+        while self._undo:
+            self._undo.pop()()
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for _, what in self.patched:
+            counts[what] = counts.get(what, 0) + 1
+        lines = ["fusedlm.integrations.apply: " + (", ".join(f"{n} x {w}" for w, n in counts.items()) or "nothing patched")]
+        lines += [f"  left alone: {name}: {why}" for name, why in self.left_alone]
+        return "\n".join(lines)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _hf_model(model: torch.nn.Module):
+    """The transformers PreTrainedModel inside `model` (itself, or a peft model's base), or None."""
+    if not _installed("transformers"):
+        return None
+    from transformers import PreTrainedModel
+
+    if _installed("peft"):
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            model = model.get_base_model()
+    return model if isinstance(model, PreTrainedModel) else None
+
+
+def _patch_attention(hf, report: Report) -> None:
+    from . import transformers as fl_transformers
+
+    fl_transformers.register()
+    previous = hf.config._attn_implementation
+    try:
+        hf.set_attn_implementation(fl_transformers.NAME)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        report.left_alone.append(("attention", f"set_attn_implementation('fusedlm') failed: {e}"))
+        return
+    report.patched.append(("attention", f"attn_implementation 'fusedlm' (was {previous!r})"))
+    report._undo.append(lambda: hf.set_attn_implementation(previous))
+
+
+def _patch_modules(model: torch.nn.Module, report: Report, *, lora: bool, nf4: bool) -> None:
+    lora_types, lora_layer, bnb_type = (), None, None
+    if lora and _installed("peft"):
+        from peft.tuners.lora import LoraLayer
+
+        from . import peft as fl_peft
+
+        lora_types, lora_layer = fl_peft.LAYER_TYPES, LoraLayer
+    if nf4 and _installed("bitsandbytes"):
+        import bitsandbytes
+
+        from . import bnb as fl_bnb
+
+        bnb_type = bitsandbytes.nn.Linear4bit
+    for name, module in model.named_modules():
+        if lora_types and isinstance(module, lora_types):
+            kind, why, patch, unpatch = "peft LoRA -> ops.lora_linear", fl_peft.why_not(module), fl_peft.patch, fl_peft.unpatch
+        elif lora_layer is not None and isinstance(module, lora_layer):
+            report.left_alone.append((name, f"peft {type(module).__name__} (fusedlm fuses LoRA Linear layers)"))
+            continue
+        elif bnb_type is not None and isinstance(module, bnb_type):
+            kind, why, patch, unpatch = "bnb Linear4bit -> ops.nf4_matmul", fl_bnb.why_not(module), fl_bnb.patch, fl_bnb.unpatch
+        else:
+            continue
+        if why:
+            report.left_alone.append((name, why))
+            continue
+        patch(module)
+        report.patched.append((name, kind))
+        report._undo.append(lambda m=module, u=unpatch: u(m))
+
+
+def apply(model: torch.nn.Module, *, attention: bool = True, lora: bool = True, nf4: bool = True,
+          sampling: bool = True) -> Report:
+    """Patches `model` in place to run on fusedlm's kernels; returns the :class:`Report` (also kept on
+    the model for :func:`undo`). The flags turn off one kind of patch each. Raises ValueError on a
+    model that is already patched."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "_fusedlm_report", None) is not None:
+        raise ValueError("model is already patched by fusedlm.integrations.apply; undo(model) first")
+    report = Report()
+    hf = _hf_model(model)
+    if hf is None and (attention or sampling):
+        report.left_alone.append(("attention, sampling", f"{type(model).__name__} is not a transformers model"))
+    if hf is not None and attention:
+        _patch_attention(hf, report)
+    _patch_modules(model, report, lora=lora, nf4=nf4)
+    if hf is not None and sampling and hasattr(hf, "_get_logits_processor"):
+        from . import sampling as fl_sampling
+
+        fl_sampling.patch(hf)
+        report.patched.append(("generate", "sampling -> ops.sample"))
+        report._undo.append(lambda: fl_sampling.unpatch(hf))
+    model._fusedlm_report = report
+    report._undo.insert(0, lambda: delattr(model, "_fusedlm_report"))
+    return report
+
+
+def undo(model: torch.nn.Module) -> None:
+    """Restores a model patched by :func:`apply`. Raises ValueError if it is not patched."""
+    report = getattr(model, "_fusedlm_report", None)
+    if report is None:
+        raise ValueError("model is not patched by fusedlm.integrations.apply")
+    report.undo()

@@ -1,0 +1,284 @@
+"""One Trainer for every stage: it orders micro-batches, a stage's loss, backward, clipping and
+AdamW steps; the stage (a function ``loss_fn(model, batch) -> loss | (loss, metrics)``) says
+what is learned. nanoGPT's train.py, as a class.
+
+    trainer = Trainer(model, sft_loss, examples, collate=pad_collate, max_steps=200, lr=1e-4,
+                      batch_size=8, grad_accum=2, schedule="cosine", warmup_steps=20, out_dir="run")
+    history = trainer.fit()                  # list of per-step records (also run/metrics.jsonl)
+    trainer.fit(resume_from="run/checkpoint-100")   # the same losses as an uninterrupted run
+
+Per optimizer step: grad_accum micro-batches of batch_size examples per rank, each loss divided
+by grad_accum (the gradient of the mean of the micro-batch means); the gradient norm clipped to
+max_grad_norm; AdamW (weight decay on matrices only) over the trainable parameters; the LR
+schedule stepped. Under torchrun the model is wrapped for DDP or sharded with FSDP2
+(``strategy``) and each rank reads its own slice of every global batch (see data.Loader).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, distributed
+from .data import Loader, eval_batches, pad_collate
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # examples per rank in one micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    weight_decay: float = 0.0  # AdamW's, on parameters with 2+ dimensions only
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0  # linear from 0 to lr, as transformers' get_*_schedule_with_warmup
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    bf16: bool = False  # autocast forward and loss to bfloat16 (CPU or CUDA)
+    eval_every: int = 0  # steps between evaluations (0: only when evaluate() is called)
+    eval_batch_size: int | None = None  # default: batch_size
+    eval_max_batches: int | None = None
+    save_every: int = 0  # steps between checkpoints in out_dir (0: only at the end, if out_dir)
+    out_dir: str | None = None  # checkpoints and metrics.jsonl
+    log_every: int = 1  # steps between metrics.jsonl lines
+    seed: int = 0  # data order and torch's RNG (dropout)
+    shuffle: bool = True
+    progress: bool = True  # a tqdm bar on rank 0
+    strategy: str = "auto"  # none | ddp | fsdp; auto: ddp when torch.distributed runs on 2+ ranks
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ValueError(f"TrainConfig.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.strategy not in ("auto", *distributed.STRATEGIES):
+            raise ValueError(f"TrainConfig.strategy must be 'auto' or one of {distributed.STRATEGIES}, got {self.strategy!r}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The LR multiplier at optimizer step `step` (0-based): warmup step/warmup, then the schedule
+    from 1 down to min_lr_ratio over the remaining steps (transformers' formulas + a floor)."""
+    if step < config.warmup_steps:
+        return step / max(1, config.warmup_steps)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    decay = max(0.0, 1.0 - progress) if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+
+def count_tokens(batch: Any) -> int:
+    """Real tokens in a batch: the sum of its "...attention_mask" entries, else the size of its
+    "...input_ids" entries (0 for anything else)."""
+    if not isinstance(batch, dict):
+        return 0
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask") and isinstance(v, torch.Tensor)]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with its tensors (in dicts, lists, tuples) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _split(out) -> tuple[torch.Tensor, dict]:
+    if isinstance(out, tuple):
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(f"loss_fn must return a scalar tensor (or (loss, metrics)), got {type(loss).__name__}")
+    return loss, metrics
+
+
+class Trainer:
+    """See the module docstring. train_data: a sequence of examples (batched by data.Loader with
+    `collate`, default pad_collate) or an iterator of ready batches with state_dict /
+    load_state_dict (PPO's rollouts). Config fields may be given as keyword arguments."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, train_data: Sequence | Any, *, config: TrainConfig | None = None,
+                 eval_data: Sequence | None = None, collate: Callable[[list], Any] | None = None, **overrides):
+        self.config = cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+        self.rank, self.world_size = distributed.rank_and_world()
+        self.strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if self.world_size > 1 else "none")
+        self.loss_fn, self.collate, self.eval_data = loss_fn, collate or pad_collate, eval_data
+        self.model = distributed.wrap(model, self.strategy)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (everything has requires_grad=False)")
+        groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, cfg))
+        if hasattr(train_data, "__next__") and hasattr(train_data, "state_dict"):
+            self.loader = train_data
+        else:
+            self.loader = Loader(train_data, cfg.batch_size, self.collate, seed=cfg.seed, shuffle=cfg.shuffle,
+                                 rank=self.rank, world_size=self.world_size)
+        self.step = 0
+        self.history: list[dict] = []
+        self.device = next(self.model.parameters()).device
+        self._device_type = self.device.type
+
+    # -----------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _no_sync(self, last_micro: bool):
+        """Skips the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+        if last_micro or self.strategy == "none":
+            return contextlib.nullcontext()
+        if self.strategy == "ddp":
+            return self.model.no_sync()
+        self.model.set_requires_gradient_sync(False)
+        return _Resync(self.model)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.config.out_dir and self.rank == 0 and (record["step"] % self.config.log_every == 0 or "eval/loss" in record):
+            os.makedirs(self.config.out_dir, exist_ok=True)
+            with open(os.path.join(self.config.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its record."""
+        cfg = self.config
+        start, tokens, loss_sum, sums = time.perf_counter(), 0, 0.0, {}
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(self.loader), self.device)
+            tokens += count_tokens(batch)
+            with self._no_sync(micro == cfg.grad_accum - 1):
+                with self._autocast():
+                    loss, metrics = _split(self.loss_fn(self.model, batch))
+                (loss / cfg.grad_accum).backward()
+            loss_sum = loss_sum + loss.detach().float()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        loss_mean = distributed.all_reduce_mean(loss_sum / cfg.grad_accum)
+        if not torch.isfinite(loss_mean):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the loss is {loss_mean.item()} at step {self.step + 1}: training stopped before the optimizer step "
+                f"(no checkpoint was written for this step; the weights are those after step {self.step})")
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        record = {"step": self.step, "loss": loss_mean.item(), "lr": lr, "tokens_per_s": tokens * self.world_size / elapsed,
+                  **{k: v / cfg.grad_accum for k, v in sums.items()}}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    def fit(self, resume_from: str | None = None) -> list[dict]:
+        """Trains to config.max_steps (from a checkpoint folder if resume_from); returns the history."""
+        cfg = self.config
+        if resume_from is not None:
+            state = checkpoint.load(resume_from, self.model, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self.loader.load_state_dict(state["loader"])
+        elif self.step == 0:
+            torch.manual_seed(cfg.seed + self.rank)
+        bar = None
+        if cfg.progress and self.rank == 0:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.model.train()
+        saved_at = None
+        try:
+            while self.step < cfg.max_steps:
+                record = self.train_step()
+                if cfg.eval_every and self.eval_data is not None and self.step % cfg.eval_every == 0:
+                    record.update(self.evaluate())
+                self._log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if cfg.out_dir and cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                    saved_at = self.step
+        finally:
+            if bar is not None:
+                bar.close()
+        if cfg.out_dir and saved_at != self.step:
+            self.save()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The stage's loss and metrics averaged over eval_data (every rank a share), as "eval/..." entries."""
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data")
+        if len(self.eval_data) == 0:
+            raise ValueError("eval_data is empty")
+        cfg = self.config
+        was_training = self.model.training
+        self.model.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        for batch in eval_batches(self.eval_data, cfg.eval_batch_size or cfg.batch_size, self.collate, rank=self.rank,
+                                  world_size=self.world_size, max_batches=cfg.eval_max_batches):
+            batch = to_device(batch, self.device)
+            with self._autocast():
+                loss, metrics = _split(self.loss_fn(self.model, batch))
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n += 1
+        self.model.train(was_training)
+        keys = sorted(totals)
+        packed = torch.tensor([totals[k] for k in keys] + [float(n)], dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(packed)
+        return {f"eval/{k}": (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
+
+    def save(self, path: str | None = None) -> str:
+        """Writes checkpoint-<step> in out_dir (or `path`); every rank must call it."""
+        path = path or os.path.join(self.config.out_dir, f"checkpoint-{self.step}")
+        checkpoint.save(path, self.model, self.optimizer, self.scheduler, step=self.step,
+                        loader_state=self.loader.state_dict())
+        return path
+
+
+class _Resync(contextlib.AbstractContextManager):
+    """Turns FSDP2's gradient sync back on when the micro-batch is done."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+        return False
