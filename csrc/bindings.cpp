@@ -87,7 +87,9 @@ PYBIND11_MODULE(_C, m) {
       field("q", &AttentionArgs::q), field("k", &AttentionArgs::k), field("v", &AttentionArgs::v),
       field("mask_mode", &AttentionArgs::mask_mode), field("prefix_len", &AttentionArgs::prefix_len),
       field("key_padding_mask", &AttentionArgs::key_padding_mask), field("bias", &AttentionArgs::bias),
-      field("scale", &AttentionArgs::scale), field("out", &AttentionArgs::out), field("lse", &AttentionArgs::lse),
+      field("scale", &AttentionArgs::scale), field("dropout_threshold", &AttentionArgs::dropout_threshold),
+      field("dropout_seed", &AttentionArgs::dropout_seed), field("dropout_scale", &AttentionArgs::dropout_scale),
+      field("out", &AttentionArgs::out), field("lse", &AttentionArgs::lse),
       field("grad_out", &AttentionArgs::grad_out), field("dq", &AttentionArgs::dq), field("dk", &AttentionArgs::dk),
       field("dv", &AttentionArgs::dv), field("dbias", &AttentionArgs::dbias),
       field("num_threads", &AttentionArgs::num_threads));

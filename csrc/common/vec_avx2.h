@@ -45,6 +45,7 @@ inline IVec operator+(IVec a, IVec b) { return _mm256_add_epi32(a.v, b.v); }
 inline IVec operator-(IVec a, IVec b) { return _mm256_sub_epi32(a.v, b.v); }
 inline IVec operator&(IVec a, IVec b) { return _mm256_and_si256(a.v, b.v); }
 inline IVec operator|(IVec a, IVec b) { return _mm256_or_si256(a.v, b.v); }
+inline IVec operator^(IVec a, IVec b) { return _mm256_xor_si256(a.v, b.v); }
 inline IVec min(IVec a, IVec b) { return _mm256_min_epi32(a.v, b.v); }
 inline IVec max(IVec a, IVec b) { return _mm256_max_epi32(a.v, b.v); }
 inline Mask operator==(IVec a, IVec b) { return {_mm256_castsi256_ps(_mm256_cmpeq_epi32(a.v, b.v))}; }
@@ -149,6 +150,41 @@ inline void zip(Vec a, Vec b, Vec& lo, Vec& hi) {
 }
 
 inline Vec IVec::to_float() const { return _mm256_cvtepi32_ps(v); }
+
+// Lane j = the sum of the lanes of x[j]: pairwise horizontal adds, then the two 128-bit halves.
+inline Vec sum_lanes(const Vec (&x)[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(x[0].v, x[1].v), _mm256_hadd_ps(x[2].v, x[3].v));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(x[4].v, x[5].v), _mm256_hadd_ps(x[6].v, x[7].v));
+  // a: low half sums of x0..x3 (their low 128 bits), high half of their high 128 bits; b likewise
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// The 64-bit products a * m of unsigned 32-bit lanes, as their high and low words (vpmuludq
+// multiplies the even lanes; the odd ones are shifted down first).
+inline void mul_wide(IVec a, uint32_t m, IVec& hi, IVec& lo) {
+  const __m256i vm = _mm256_set1_epi32(static_cast<int32_t>(m));
+  const __m256i even = _mm256_mul_epu32(a.v, vm), odd = _mm256_mul_epu32(_mm256_srli_epi64(a.v, 32), vm);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// W pairs of bf16 (16 lanes): the operands of dot2, emulated in float32 (no native bf16 dot).
+struct BVec {
+  __m256i v;
+  static BVec load(const uint16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+  static BVec broadcast_pair(const uint16_t* p) {
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return {_mm256_set1_epi32(pair)};
+  }
+};
+// acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1]: the even bf16 of each pair is its low half
+inline Vec dot2(Vec acc, BVec a, BVec b) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256 a_even = _mm256_castsi256_ps(_mm256_slli_epi32(a.v, 16)), b_even = _mm256_castsi256_ps(_mm256_slli_epi32(b.v, 16));
+  const __m256 a_odd = _mm256_castsi256_ps(_mm256_and_si256(a.v, high)), b_odd = _mm256_castsi256_ps(_mm256_and_si256(b.v, high));
+  return _mm256_fmadd_ps(a_odd, b_odd, _mm256_fmadd_ps(a_even, b_even, acc.v));
+}
 
 // Two 8-entry halves: vpermps reads the low 3 bits of an index in each, and bit 3 (moved to the
 // sign bit) picks the half.

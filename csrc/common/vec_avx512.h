@@ -1,8 +1,8 @@
 // The avx512 levels of common/vec.h: 16 float lanes in a __m512 (AVX-512 F/BW/VL/DQ). vec.h
 // includes this file twice (hence no include guard), inside each level's target region:
 //   FUSEDLM_VEC512_NS avx512,     FUSEDLM_VEC512_BF16 0
-//   FUSEDLM_VEC512_NS avx512bf16, FUSEDLM_VEC512_BF16 1: bf16 stores by vcvtneps2bf16, and BVec /
-//     dot2 (vdpbf16ps). vcvtneps2bf16 rounds to nearest even like float_to_bf16 but flushes
+//   FUSEDLM_VEC512_NS avx512bf16, FUSEDLM_VEC512_BF16 1: bf16 stores by vcvtneps2bf16 and dot2 by
+//     vdpbf16ps (the avx512 level emulates dot2 in float32). vcvtneps2bf16 rounds to nearest even like float_to_bf16 but flushes
 //     results below 2^-126 to zero and quiets NaN differently; the kernels never store such values.
 // See vec.h for the interface.
 
@@ -44,6 +44,7 @@ inline IVec operator+(IVec a, IVec b) { return _mm512_add_epi32(a.v, b.v); }
 inline IVec operator-(IVec a, IVec b) { return _mm512_sub_epi32(a.v, b.v); }
 inline IVec operator&(IVec a, IVec b) { return _mm512_and_si512(a.v, b.v); }
 inline IVec operator|(IVec a, IVec b) { return _mm512_or_si512(a.v, b.v); }
+inline IVec operator^(IVec a, IVec b) { return _mm512_xor_si512(a.v, b.v); }
 inline IVec min(IVec a, IVec b) { return _mm512_min_epi32(a.v, b.v); }
 inline IVec max(IVec a, IVec b) { return _mm512_max_epi32(a.v, b.v); }
 inline Mask operator==(IVec a, IVec b) { return {_mm512_cmpeq_epi32_mask(a.v, b.v)}; }
@@ -133,8 +134,31 @@ struct Lut16 {  // vpermps reads the low 4 bits of each index
   Vec lookup(IVec index) const { return _mm512_permutexvar_ps(index.v, t); }
 };
 
-#if FUSEDLM_VEC512_BF16
-// 16 pairs of bf16 (32 lanes): the operands of vdpbf16ps.
+// Lane j = the sum of the lanes of x[j]: three rounds of pairwise adds, each halving the partial
+// sums per vector, then one permutation back into order.
+inline Vec sum_lanes(const Vec (&x)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int m = 0; m < 8; ++m)  // b[m]: x 2m, 2m + 1 in 256-bit halves, 8 partials each
+    b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * m].v, x[2 * m + 1].v, 0x44),
+                         _mm512_shuffle_f32x4(x[2 * m].v, x[2 * m + 1].v, 0xEE));
+  for (int m = 0; m < 4; ++m)  // c[m]: x 4m .. 4m + 3 in 128-bit blocks, 4 partials each
+    c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0x88), _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)  // d[m], block i: x i, 4 + i (m = 0) or 8 + i, 12 + i (m = 1), 2 partials each
+    d[m] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0x88), _mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0xDD));
+  // e, lane 4i + t: x i + 4t
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
+}
+
+// The 64-bit products a * m of unsigned 32-bit lanes, as their high and low words.
+inline void mul_wide(IVec a, uint32_t m, IVec& hi, IVec& lo) {
+  const __m512i vm = _mm512_set1_epi32(static_cast<int32_t>(m));
+  const __m512i even = _mm512_mul_epu32(a.v, vm), odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), vm);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// 16 pairs of bf16 (32 lanes): the operands of dot2 (vdpbf16ps with avx512bf16, else float32).
 struct BVec {
   __m512i v;
   static BVec load(const uint16_t* p) { return {_mm512_loadu_si512(p)}; }
@@ -146,8 +170,14 @@ struct BVec {
 };
 // acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], products and sums in float32.
 inline Vec dot2(Vec acc, BVec a, BVec b) {
+#if FUSEDLM_VEC512_BF16
   return _mm512_dpbf16_ps(acc.v, reinterpret_cast<__m512bh>(a.v), reinterpret_cast<__m512bh>(b.v));
-}
+#else
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 a_even = _mm512_castsi512_ps(_mm512_slli_epi32(a.v, 16)), b_even = _mm512_castsi512_ps(_mm512_slli_epi32(b.v, 16));
+  const __m512 a_odd = _mm512_castsi512_ps(_mm512_and_si512(a.v, high)), b_odd = _mm512_castsi512_ps(_mm512_and_si512(b.v, high));
+  return _mm512_fmadd_ps(a_odd, b_odd, _mm512_fmadd_ps(a_even, b_even, acc.v));
 #endif
+}
 
 }  // namespace fusedlm::simd::FUSEDLM_VEC512_NS

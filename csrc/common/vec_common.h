@@ -3,32 +3,44 @@
 
 constexpr int W = Vec::W;
 
-// 2^x for x <= 0, the softmax exponential (the callers fold log2(e) into their scale):
-// 2^x = 2^n 2^r with n = round(x), r = x - n in [-1/2, 1/2], and 2^r a polynomial fitted at
-// Chebyshev nodes. Degree 5: relative error 2.5e-7 in float32 (float32 probabilities);
-// degree 3: 1e-4 (probabilities rounded to bf16 anyway, whose step is 4e-3).
-// x < -126 (so -inf too) and NaN give exactly 0.
-template <int Degree = 5>
-inline Vec exp2_nonpositive(Vec x) {
-  static_assert(Degree == 3 || Degree == 5, "fitted degrees: 3 and 5");
-  const Mask live = x >= Vec(-126.0f);
-  x = max(x, Vec(-126.0f));  // NaN -> -126 too (max returns its second operand)
-  const Vec n = x.round();
-  const Vec r = x - n;
+// 2^r for r in [-1/2, 1/2]: polynomials fitted at Chebyshev nodes. Relative error in float32:
+// degree 5: 2.5e-7; degree 4: 3.6e-6 (PyTorch's exp_u20 is of that order); degree 3: 1e-4 (for
+// probabilities rounded to bf16, whose step is 4e-3).
+template <int Degree>
+inline Vec exp2_poly(Vec r) {
+  static_assert(Degree >= 3 && Degree <= 5, "fitted degrees: 3, 4, 5");
   Vec y;
   if constexpr (Degree == 5) {
     y = fma(Vec(1.3390863e-3f), r, Vec(9.676032e-3f));
     y = fma(y, r, Vec(5.5503570e-2f));
     y = fma(y, r, Vec(2.4022107e-1f));
     y = fma(y, r, Vec(6.9314718e-1f));
-    y = fma(y, r, Vec(1.0000001f));
+    return fma(y, r, Vec(1.0000001f));
+  } else if constexpr (Degree == 4) {
+    y = fma(Vec(9.6663684e-3f), r, Vec(5.5921976e-2f));
+    y = fma(y, r, Vec(2.4022350e-1f));
+    y = fma(y, r, Vec(6.9312102e-1f));
+    return fma(y, r, Vec(1.0f));
   } else {
     y = fma(Vec(5.5838283e-2f), r, Vec(2.4263948e-1f));
     y = fma(y, r, Vec(6.9313675e-1f));
-    y = fma(y, r, Vec(9.9992454e-1f));
+    return fma(y, r, Vec(9.9992454e-1f));
   }
-  const Vec scale = Vec::from_int(shl<23>(n.to_int() + IVec(127)));  // 2^n, n in [-126, 0]
-  return select(live, y * scale, Vec::zero());
+}
+
+// 2^x for finite x <= 0: 2^n 2^r with n = round(x), r = x - n. Below -126 the result is 2^-126
+// times the polynomial (under 1.2e-38, not 0): for softmax terms that are known finite.
+template <int Degree = 5>
+inline Vec exp2_finite(Vec x) {
+  x = max(x, Vec(-126.0f));  // NaN -> -126 too (max returns its second operand)
+  const Vec n = x.round();
+  return exp2_poly<Degree>(x - n) * Vec::from_int(shl<23>(n.to_int() + IVec(127)));  // 2^n, n in [-126, 0]
+}
+
+// 2^x for x <= 0, exactly 0 for x < -126 (so for -inf, hidden entries) and NaN.
+template <int Degree = 5>
+inline Vec exp2_nonpositive(Vec x) {
+  return select(x >= Vec(-126.0f), exp2_finite<Degree>(x), Vec::zero());
 }
 
 constexpr float kLog2e = 1.44269504088896341f;

@@ -88,6 +88,7 @@ inline IVec operator+(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t
 inline IVec operator-(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t y) { return x - y; }); }
 inline IVec operator&(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t y) { return x & y; }); }
 inline IVec operator|(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t y) { return x | y; }); }
+inline IVec operator^(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t y) { return x ^ y; }); }
 inline IVec min(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t y) { return x < y ? x : y; }); }
 inline IVec max(IVec a, IVec b) { return lanes(a, b, [](int32_t x, int32_t y) { return x > y ? x : y; }); }
 inline Mask operator==(IVec a, IVec b) {
@@ -249,6 +250,43 @@ inline Vec IVec::to_float() const {
   Vec r;
   for (int i = 0; i < kLanes; ++i) r.v[i] = static_cast<float>(v[i]);
   return r;
+}
+
+// Lane j = the sum of the lanes of x[j].
+inline Vec sum_lanes(const Vec (&x)[kLanes]) {
+  Vec r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = x[j].reduce_add();
+  return r;
+}
+
+// The 64-bit products a * m of unsigned 32-bit lanes, as their high and low words.
+inline void mul_wide(IVec a, uint32_t m, IVec& hi, IVec& lo) {
+  for (int i = 0; i < kLanes; ++i) {
+    const uint64_t product = static_cast<uint64_t>(static_cast<uint32_t>(a.v[i])) * m;
+    hi.v[i] = static_cast<int32_t>(product >> 32);
+    lo.v[i] = static_cast<int32_t>(product);
+  }
+}
+
+// W pairs of bf16 (2W lanes): the operands of dot2. Native on avx512bf16 only; here in float32.
+struct BVec {
+  uint16_t v[2 * kLanes];
+  static BVec load(const uint16_t* p) {
+    BVec r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  static BVec broadcast_pair(const uint16_t* p) {
+    BVec r;
+    for (int i = 0; i < kLanes; ++i) r.v[2 * i] = p[0], r.v[2 * i + 1] = p[1];
+    return r;
+  }
+};
+// acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1]
+inline Vec dot2(Vec acc, const BVec& a, const BVec& b) {
+  for (int i = 0; i < kLanes; ++i)
+    acc.v[i] += bf16_to_float(a.v[2 * i]) * bf16_to_float(b.v[2 * i]) + bf16_to_float(a.v[2 * i + 1]) * bf16_to_float(b.v[2 * i + 1]);
+  return acc;
 }
 
 struct Lut16 {

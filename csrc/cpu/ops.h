@@ -37,6 +37,11 @@ struct AttentionArgs {
   View key_padding_mask;  // U8 [B, Nk] contiguous (nonzero = real token), or absent
   View bias;              // F32 [B, Hq, Nq, Nk] view, zero strides where broadcast, or absent
   float scale = 1.0f;
+  // dropout on the probabilities (reference: dropout_keep): keep where the top 24 bits of the
+  // Philox word reach dropout_threshold = ceil(p 2^24) (0: no dropout), kept ones times dropout_scale
+  int64_t dropout_threshold = 0;
+  uint64_t dropout_seed = 0;
+  float dropout_scale = 1.0f;
   View out;               // forward out: contiguous [B, Hq, Nq, D] of q's dtype (backward: read)
   View lse;               // forward out: contiguous F32 [B, Hq, Nq], -inf for rows that see no key
   View grad_out;          // backward: contiguous [B, Hq, Nq, D] of q's dtype

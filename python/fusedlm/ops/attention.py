@@ -11,8 +11,9 @@ and ``triton`` (``kernels/attention.py``). Each returns the output and the per-r
 Dropout on the probabilities (``dropout_p > 0``, training): the wrapper draws one seed per call and
 passes it to the op as a tensor; forward and backward regenerate the same keep mask from it with
 the counter-based recipe of :func:`fusedlm.reference.attention.dropout_keep`, so nothing of size
-``Nq x Nk`` is saved. Only the reference backend implements it so far: cpu and triton report
-dropout as unsupported (a fallback with a warning, or an error when forced).
+``Nq x Nk`` is saved. The reference and cpu backends implement it (the cpu kernel draws the same
+Philox words, so the same keep decisions, tile by tile in both passes); triton reports dropout as
+unsupported (a fallback to the reference with a warning, or an error when forced).
 """
 from __future__ import annotations
 
@@ -33,16 +34,25 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cpu_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str | None:
+def _cpu_supports(dtype: torch.dtype, **facts) -> str | None:
     if dtype not in (torch.float32, torch.bfloat16):
         return f"the cpu kernel supports float32 and bfloat16, got {dtype}"
-    return "the cpu kernel does not implement dropout_p > 0 yet" if dropout else None
+    return None
 
 
 def _triton_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str | None:
     if dtype not in _checks.FLOAT_DTYPES:
         return f"the triton kernel does not support {dtype}"
     return "the triton kernel does not implement dropout_p > 0 yet" if dropout else None
+
+
+def _cpu_dropout(dropout_p: float, seed: int) -> dict:
+    """The dropout fields of the cpu kernel's AttentionArgs (csrc/cpu/ops.h): the reference's
+    integer keep threshold, the seed, and the multiplier of kept probabilities (as float32)."""
+    if dropout_p == 0:
+        return {}
+    return {"dropout_threshold": ref.dropout_threshold(dropout_p), "dropout_seed": seed,
+            "dropout_scale": 1.0 / (1.0 - dropout_p)}
 
 
 def _no_dropout(backend: str, dropout_p: float) -> None:
@@ -89,7 +99,6 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 @_forward.register("cpu", supports=_cpu_supports)
 def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
-    _no_dropout("cpu", dropout_p)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -100,7 +109,7 @@ def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropo
     lse = torch.empty((b, hq, nq), dtype=torch.float32)
     cpu_module().attention_forward(_checks.cpu_args(
         "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
-        bias=bias, scale=float(scale), out=out, lse=lse, num_threads=_checks.num_threads(),
+        bias=bias, scale=float(scale), out=out, lse=lse, num_threads=_checks.num_threads(), **_cpu_dropout(dropout_p, seed),
     ))
     return out, lse
 
@@ -151,7 +160,6 @@ def _cpu_splits(b: int, hkv: int, nk: int, threads: int, key_tile: int = 128) ->
 @_backward.register("cpu", supports=_cpu_supports)
 def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
                   bias_grad):
-    _no_dropout("cpu", dropout_p)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -169,7 +177,7 @@ def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mas
     cpu_module().attention_backward(_checks.cpu_args(
         "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
         bias=bias32, scale=float(scale), out=out, lse=lse, grad_out=grad_out, dq=dq, dk=dk, dv=dv, dbias=dbias,
-        num_threads=threads,
+        num_threads=threads, **_cpu_dropout(dropout_p, seed),
     ))
     dq = dq.sum(0) if splits > 1 else dq[0]
     return dq[..., :d].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias if bias_grad else q.new_empty(0)
