@@ -42,14 +42,21 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// IEEE half: the compiler's own type (aarch64 names it __fp16), converted with round to nearest even.
+#if defined(__aarch64__)
+using half_t = __fp16;
+#else
+using half_t = _Float16;
+#endif
+
 inline float f16_to_float(uint16_t h) {
-  _Float16 v;
+  half_t v;
   std::memcpy(&v, &h, sizeof(v));
   return static_cast<float>(v);
 }
 
 inline uint16_t float_to_f16(float f) {
-  _Float16 v = static_cast<_Float16>(f);
+  half_t v = static_cast<half_t>(f);
   uint16_t h;
   std::memcpy(&h, &v, sizeof(h));
   return h;
