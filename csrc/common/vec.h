@@ -27,6 +27,8 @@
 //   Lut16 a 16-entry float table times a scale, looked up by the low 4 bits of each IVec lane.
 //   BVec  W pairs of bf16: load(p), broadcast_pair(p); dot2(acc, a, b) = acc + a.even b.even +
 //         a.odd b.odd in float32: one vdpbf16ps with kNativeBf16, emulated (two FMAs) elsewhere.
+//         As 2W 16-bit lanes: load_u8(p) (2W bytes widened), high_nibbles, low_nibbles, and
+//         BLut16, a 16-entry table rounded to bf16 (vpermw on AVX-512, through memory elsewhere).
 // and, written once over those in vec_common.h: exp, dtype-generic loads/stores (load_as /
 // store_as) and float-buffer helpers.
 //

@@ -177,6 +177,26 @@ struct BVec {
     std::memcpy(&pair, p, sizeof(pair));
     return {_mm256_set1_epi32(pair)};
   }
+  static BVec load_u8(const uint8_t* p) {  // 2W bytes, one per 16-bit lane
+    return {_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+};
+inline BVec high_nibbles(BVec b) { return {_mm256_srli_epi16(b.v, 4)}; }
+inline BVec low_nibbles(BVec b) { return {_mm256_and_si256(b.v, _mm256_set1_epi16(0xF))}; }
+
+// A 16-entry table times a scale, rounded to bf16, looked up by the low 4 bits of 16-bit lanes
+// (through memory: AVX2 has no 16-bit permute; the NF4 GEMV takes this path only with avx512bf16).
+struct BLut16 {
+  uint16_t t[16];
+  BLut16(const float* table, float scale) {
+    for (int i = 0; i < 16; ++i) t[i] = float_to_bf16(table[i] * scale);
+  }
+  BVec lookup(BVec index) const {
+    alignas(32) uint16_t lane[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane), index.v);
+    for (uint16_t& x : lane) x = t[x & 15];
+    return {_mm256_load_si256(reinterpret_cast<const __m256i*>(lane))};
+  }
 };
 // acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1]: the even bf16 of each pair is its low half
 inline Vec dot2(Vec acc, BVec a, BVec b) {

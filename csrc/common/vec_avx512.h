@@ -167,6 +167,20 @@ struct BVec {
     std::memcpy(&pair, p, sizeof(pair));
     return {_mm512_set1_epi32(pair)};
   }
+  static BVec load_u8(const uint8_t* p) {  // 2W bytes, one per 16-bit lane
+    return {_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+};
+inline BVec high_nibbles(BVec b) { return {_mm512_srli_epi16(b.v, 4)}; }
+inline BVec low_nibbles(BVec b) { return {_mm512_and_si512(b.v, _mm512_set1_epi16(0xF))}; }
+
+// A 16-entry table times a scale, rounded to bf16, looked up by the low 4 bits of 16-bit lanes
+// (vpermw reads 5 bits: entries 16-31 are zeros, so an index must be below 16).
+struct BLut16 {
+  __m512i t;
+  BLut16(const float* table, float scale)
+      : t(_mm512_castsi256_si512((Vec::load(table) * Vec(scale)).to_bf16())) {}
+  BVec lookup(BVec index) const { return {_mm512_permutexvar_epi16(index.v, t)}; }
 };
 // acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], products and sums in float32.
 inline Vec dot2(Vec acc, BVec a, BVec b) {

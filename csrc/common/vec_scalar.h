@@ -281,6 +281,31 @@ struct BVec {
     for (int i = 0; i < kLanes; ++i) r.v[2 * i] = p[0], r.v[2 * i + 1] = p[1];
     return r;
   }
+  static BVec load_u8(const uint8_t* p) {  // 2W bytes, one per 16-bit lane
+    BVec r;
+    for (int i = 0; i < 2 * kLanes; ++i) r.v[i] = p[i];
+    return r;
+  }
+};
+inline BVec high_nibbles(BVec b) {
+  for (uint16_t& x : b.v) x = static_cast<uint16_t>(x >> 4);
+  return b;
+}
+inline BVec low_nibbles(BVec b) {
+  for (uint16_t& x : b.v) x = static_cast<uint16_t>(x & 0xF);
+  return b;
+}
+
+// A 16-entry table times a scale, rounded to bf16, looked up by the low 4 bits of 16-bit lanes.
+struct BLut16 {
+  uint16_t t[16];
+  BLut16(const float* table, float scale) {
+    for (int i = 0; i < 16; ++i) t[i] = float_to_bf16(table[i] * scale);
+  }
+  BVec lookup(BVec index) const {
+    for (uint16_t& x : index.v) x = t[x & 15];
+    return index;
+  }
 };
 // acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1]
 inline Vec dot2(Vec acc, const BVec& a, const BVec& b) {
