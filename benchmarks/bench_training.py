@@ -200,7 +200,7 @@ def run(full: bool = False) -> list[Row]:
         print("transformers not installed: peers skipped")
     sft, pairs = _data(s, 64)
     tokens = s["batch"] * s["seq"]
-    rounds, per_round, trl_steps = (3, 2, 6) if full else (3, 2, 5)
+    rounds, per_round, trl_steps = (3, 2, 6) if full else (2, 2, 4)
     rows = []
     for bf16 in (False, True) if full else (False,):
         tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} {'bf16 autocast' if bf16 else 'fp32'}"

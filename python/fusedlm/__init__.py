@@ -10,6 +10,6 @@ from .ops import NF4Weight
 from .nn import NF4Linear
 from . import models
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it (tool.scikit-build.metadata.version)
 
 __all__ = ["ops", "NF4Weight", "NF4Linear", "__version__"]

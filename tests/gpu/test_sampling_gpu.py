@@ -53,7 +53,7 @@ def test_per_row_params_seeding_and_errors():
         with ops.use_backend(backend):
             out = ops.filter_logits(logits, temperature=t, top_k=k, top_p=p)
             g = torch.Generator(device="cuda").manual_seed(5)
-            a, b = ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g), ops.sample(logits, generator=g)
+            a, _ = ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g), ops.sample(logits, generator=g)
             g.manual_seed(5)
             assert torch.equal(ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g), a)
             with pytest.raises(ValueError, match="NaN"):

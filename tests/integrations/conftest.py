@@ -8,7 +8,7 @@ import sys
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # for `from _tiny import ...`
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # for `from _hf_tiny import ...`
 
 from fusedlm import ops  # noqa: E402
 from fusedlm.integrations import _once  # noqa: E402

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from _tiny import batch, make  # noqa: E402
+from _hf_tiny import batch, make  # noqa: E402
 
 from fusedlm import ops  # noqa: E402
 from fusedlm.integrations import apply, undo  # noqa: E402

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from _tiny import V, batch, make  # noqa: E402
+from _hf_tiny import V, batch, make  # noqa: E402
 from transformers.generation import (  # noqa: E402
     LogitsProcessorList,
     MinPLogitsWarper,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from _tiny import CAUSAL_LM, MASKED_LM, V, batch, make  # noqa: E402
+from _hf_tiny import CAUSAL_LM, MASKED_LM, V, batch, make  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     causal_mask_function,
     sdpa_mask,

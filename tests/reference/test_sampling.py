@@ -58,7 +58,6 @@ def test_kept_set_matches_transformers(temperature, top_k, top_p, vocab):
     # same number of them, the highest indices first. Every other token is kept or removed identically.
     assert torch.equal(out[~skip].sort(-1).values, hf_scores[~skip].sort(-1).values)
     differs = (out > float("-inf")) != expected
-    crossing_ties = torch.zeros_like(differs)
     for r in differs.any(-1).nonzero()[:, 0].tolist():
         values = x[r][differs[r]]
         assert bool((values == values[0]).all()), "only tokens of one (the crossing) value may differ"

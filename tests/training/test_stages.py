@@ -160,7 +160,7 @@ def test_precomputed_reference_equals_the_frozen_copy():
     assert set(with_ref[0]) == set(data[0]) | {"ref_chosen_logps", "ref_rejected_logps"}
     frozen, pre = dpo.DPO(dpo.frozen_copy(model)), dpo.DPO(dpo.precomputed())
     batch = pad_collate(with_ref[:8])
-    (a, ma), (b, mb) = frozen(model, batch), pre(model, batch)
+    (a, _), (b, _) = frozen(model, batch), pre(model, batch)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     hist = Trainer(model, pre, with_ref, max_steps=20, batch_size=8, lr=3e-3, progress=False).fit()
     assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]

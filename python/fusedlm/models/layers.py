@@ -260,7 +260,12 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps the rows `index` (LongTensor [B']), in that order: beam search's reorder, or the
         expansion of each row to several beams / candidates (B' may differ from B)."""
-        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        used = self.length  # only the written slots are copied; the rest stays unwritten
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], len(index), *old.shape[2:]))
+            new[:, :, :, :used] = old[:, :, :, :used].index_select(1, index)
+            setattr(self, name, new)
         self.mask, self.seen = self.mask.index_select(0, index), self.seen.index_select(0, index)
         self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for kv in self.cross]

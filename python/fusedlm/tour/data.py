@@ -17,10 +17,7 @@ import random
 import torch
 
 from .tokenizer import Tokenizer
-from .world import ATTRIBUTES, QUESTIONS, Person
-
-K_PASSAGES = 2  # passages a RAG prompt carries (the gold one and a distractor when reading)
-
+from .world import ATTRIBUTES, QUESTIONS, Person, fabricate
 
 def qa_prompt(question: str, passages: list[str] | None = None) -> str:
     """The closed-book prompt, or (passages) the RAG prompt, as grounding.answer builds them."""
@@ -36,17 +33,19 @@ def instruction_prompt(instruction: str) -> str:
     return f"Instruction: {instruction}\nResponse:"
 
 
-def reading_examples(people: list[Person], seed: int) -> list[tuple[str, str]]:
-    """(RAG prompt, answer) pairs about people who are in no corpus: one question per person, its
-    passage among K_PASSAGES - 1 others in a random order, so only reading the context answers it."""
+def reading_examples(people: list[Person], k: int, seed: int) -> list[tuple[str, str, str]]:
+    """(RAG prompt, true answer, a fabricated answer) about people who are in no corpus: one
+    question per person, its passage among k - 1 others in a random order, so only reading the
+    context answers it."""
     rng = random.Random(seed)
     out = []
-    for p in people:
+    for i, p in enumerate(people):
         attribute = rng.choice(ATTRIBUTES)
-        others = rng.sample([q for q in people if q is not p], K_PASSAGES - 1)
+        others = [people[j] for j in rng.sample(range(len(people)), k) if j != i][: k - 1]
         passages = [p.passage()] + [q.passage() for q in others]
         rng.shuffle(passages)
-        out.append((qa_prompt(QUESTIONS[attribute].format(name=p.name), passages), p.value(attribute)))
+        prompt = qa_prompt(QUESTIONS[attribute].format(name=p.name), passages)
+        out.append((prompt, p.value(attribute), fabricate(p, attribute, rng)))
     return out
 
 

@@ -17,19 +17,24 @@ def _shared(ctx: Context) -> dict:
 
 
 def decoder_config(ctx: Context, **overrides) -> ModelConfig:
+    """SwiGLU's d_ff = 8d/3, rounded up to a multiple of 32 (the NF4 cpu kernel's K granularity,
+    for the inference section's 4-bit model)."""
     d = ctx.sizes.d_model
     return get_config("llama-tiny", **{**_shared(ctx), "n_kv_heads": max(1, ctx.sizes.n_heads // 2),
-                                       "d_ff": (8 * d // 3 + 15) // 16 * 16, "bos_token_id": ctx.tok.bos_id, **overrides})
+                                       "d_ff": (8 * d // 3 + 31) // 32 * 32, "bos_token_id": ctx.tok.bos_id, **overrides})
 
 
 def encoder_config(ctx: Context, **overrides) -> ModelConfig:
-    return get_config("bert-tiny", **{**_shared(ctx), "d_ff": 4 * ctx.sizes.d_model, "type_vocab_size": 0, **overrides})
+    """Half the decoder's layers: the encoder only shows that MLM trains."""
+    return get_config("bert-tiny", **{**_shared(ctx), "n_layers": max(2, ctx.sizes.n_layers // 2),
+                                      "d_ff": 4 * ctx.sizes.d_model, "type_vocab_size": 0, **overrides})
 
 
 def seq2seq_config(ctx: Context, **overrides) -> ModelConfig:
+    """Half the decoder's layers in each stack."""
     s = ctx.sizes
-    return get_config("t5-tiny", **{**_shared(ctx), "head_dim": s.d_model // s.n_heads, "d_ff": 4 * s.d_model,
-                                    "decoder_start_token_id": ctx.tok.pad_id, **overrides})
+    return get_config("t5-tiny", **{**_shared(ctx), "n_layers": max(2, s.n_layers // 2), "head_dim": s.d_model // s.n_heads,
+                                    "d_ff": 4 * s.d_model, "decoder_start_token_id": ctx.tok.pad_id, **overrides})
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:

@@ -45,7 +45,7 @@ class Check:
 class Section:
     key: str  # file-name friendly: "pretraining"
     title: str
-    text: list[str] = dataclasses.field(default_factory=list)
+    text: list = dataclasses.field(default_factory=list)  # paragraphs (markdown) or Tables, in order
     tables: list[Table] = dataclasses.field(default_factory=list)
     plots: list[str] = dataclasses.field(default_factory=list)  # PNG paths relative to the report
     checks: list[Check] = dataclasses.field(default_factory=list)
@@ -114,7 +114,7 @@ def write(out_dir: str, header: list[str], sections: list[Section]) -> str:
     for i, s in enumerate(sections, 1):
         parts += ["", f"## {i}. {s.title}", ""]
         for t in s.text:
-            parts += [t, ""]
+            parts += [t.markdown() if isinstance(t, Table) else t, ""]
         for t in s.tables:
             parts += ["", t.markdown()]
         for p in s.plots:

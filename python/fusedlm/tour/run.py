@@ -98,11 +98,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these sections (repeatable; the world always runs, and sections whose "
                              "models an unselected section trains report them missing)")
     args = parser.parse_args(argv)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        return _tour(args, argv)
+    finally:  # a caller (a test session, a notebook) gets its threads and global RNG back
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+
+
+def _tour(args, argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
+    os.makedirs(args.out, exist_ok=True)
     ctx = Context(args.mode or "quick", MODES[args.mode or "quick"], args.seed, args.out)
     chosen = [(i, k, m) for i, (k, m) in enumerate(SECTIONS) if not args.only or k == "world" or k in args.only]
     start, sections = time.perf_counter(), []

@@ -31,18 +31,18 @@ class Sizes:
     finetune_steps: int  # per fine-tuning method
     # evaluation
     n_eval: int  # questions per test split (decoding, hallucination, alignment)
-    n_reading: int  # fresh people for the context-reading examples of SFT and the fine-tuning task
+    k_passages: int  # passages in a RAG prompt (retrieved, or the gold one among distractors when reading)
     bench: bool  # the inference section runs a short subset of `fusedlm bench`
 
 
 MODES = {
     "smoke": Sizes(n_seen=24, n_unseen=12, bios_per_person=3, vocab_size=320, d_model=64, n_layers=2, n_heads=4,
                    seq_len=48, batch=16, pretrain_steps=120, encoder_steps=40, sft_steps=60, reward_steps=30,
-                   dpo_steps=20, ppo_steps=4, finetune_steps=20, n_eval=24, n_reading=200, bench=False),
+                   dpo_steps=20, ppo_steps=4, finetune_steps=20, n_eval=24, k_passages=1, bench=False),
     "quick": Sizes(n_seen=80, n_unseen=40, bios_per_person=6, vocab_size=640, d_model=128, n_layers=4, n_heads=4,
-                   seq_len=64, batch=32, pretrain_steps=300, encoder_steps=120, sft_steps=150, reward_steps=60,
-                   dpo_steps=40, ppo_steps=8, finetune_steps=60, n_eval=60, n_reading=1000, bench=True),
+                   seq_len=64, batch=32, pretrain_steps=300, encoder_steps=100, sft_steps=300, reward_steps=60,
+                   dpo_steps=40, ppo_steps=8, finetune_steps=60, n_eval=60, k_passages=1, bench=True),
     "full": Sizes(n_seen=200, n_unseen=100, bios_per_person=8, vocab_size=1024, d_model=256, n_layers=6, n_heads=8,
                   seq_len=64, batch=32, pretrain_steps=1500, encoder_steps=600, sft_steps=600, reward_steps=200,
-                  dpo_steps=150, ppo_steps=30, finetune_steps=200, n_eval=200, n_reading=4000, bench=True),
+                  dpo_steps=150, ppo_steps=30, finetune_steps=200, n_eval=200, k_passages=2, bench=True),
 }

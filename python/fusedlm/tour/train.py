@@ -50,8 +50,8 @@ def exact_match(model, prompts: list[list[int]], answers: list[list[int]], pad_i
 
 
 @torch.no_grad()
-def sequence_logprob(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+def sequence_logprob(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, **model_kwargs) -> torch.Tensor:
     """(B,) float32: log p(answer | prompt), summed over the answer's tokens."""
     model.eval()
     ids, mask, labels = _forced(prompts, answers, pad_id)
-    return token_logprobs(model(ids, attention_mask=mask).logits[:, :-1], labels[:, 1:]).sum(1)
+    return token_logprobs(model(ids, attention_mask=mask, **model_kwargs).logits[:, :-1], labels[:, 1:]).sum(1)

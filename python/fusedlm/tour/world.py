@@ -31,12 +31,13 @@ _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
 _NUCLEI = ("a", "e", "i", "o", "u", "ai", "ou")
 _CODAS = ("", "", "n", "r", "s", "l", "th")
 
-# Paraphrases of each fact (the corpus uses them all, the store the first).
+# Paraphrases of each fact (the corpus' biographies draw from them).
 FACT_TEMPLATES = {
     "city": ("{name} was born in {city}.", "{name} comes from the city of {city}.", "The birthplace of {name} is {city}."),
     "year": ("{name} was born in {year}.", "{name} came into the world in {year}.", "The birth year of {name} is {year}."),
     "job": ("{name} works as a {job}.", "{name} earns a living as a {job}.", "By trade, {name} is a {job}."),
 }
+PASSAGE = "{name} was born in {city} in {year} and works as a {job}."
 QUESTIONS = {"city": "Where was {name} born?", "year": "In which year was {name} born?", "job": "What is the job of {name}?"}
 
 
@@ -51,8 +52,8 @@ class Person:
         return str(getattr(self, attribute))
 
     def passage(self) -> str:
-        """The store's passage: every fact about the person, in the first phrasing."""
-        return " ".join(FACT_TEMPLATES[a][0].format(**dataclasses.asdict(self)) for a in ATTRIBUTES)
+        """The store's passage: every fact about the person in one sentence."""
+        return PASSAGE.format(**dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,10 @@ class World:
     @property
     def people(self) -> list[Person]:
         return self.seen + self.unseen
+
+    def names(self) -> set[str]:
+        """Every name the world uses (to keep fresh people apart from it)."""
+        return {p.name for p in self.seen + self.unseen}
 
     def texts(self) -> list[str]:
         """Every text of the world (what the tokenizer is trained on)."""

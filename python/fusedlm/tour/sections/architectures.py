@@ -61,11 +61,15 @@ def run(ctx: Context) -> Section:
 
     rows = []
     for name, layers, d, heads, d_head, quoted in GPT3:
-        cfg = get_config("gpt3-175b", n_layers=layers, d_model=d, n_heads=heads, head_dim=d_head, d_ff=4 * d)
+        # the count depends on the attention width heads·d_head only; the quoted sizes take it = d
+        # (XL and 13B list heads·d_head = 3,072 and 5,120 against d = 2,048 and 5,140)
+        cfg = get_config("gpt3-175b", n_layers=layers, d_model=d, n_heads=1, head_dim=d, d_ff=4 * d)
         exact = count_parameters(cfg)["total"]
         rows.append([name, layers, d, heads, d_head, quoted, textbook(cfg), exact])
-    sec.tables.append(Table("GPT-3's Table 2.1 (V = 50,257, context 2,048, d_ff = 4d)",
+    sec.tables.append(Table("GPT-3's Table 2.1 (V = 50,257, context 2,048, d_ff = 4d, attention width d)",
                             ["model", "L", "d", "heads", "d_head", "quoted", "12·L·d² + V·d", "exact"], rows))
+    sec.text.append("GPT-3's table lists heads × d_head ≠ d for XL (24 × 128) and 13B (40 × 128 vs 5,140); its quoted "
+                    "sizes match attention of width d, which is what the exact count uses.")
     gpt3 = rows[-1][-1]
     sec.check("GPT-3 175B exact parameters (billions)", None, gpt3 / 1e9, "175 ± 1%", passed=abs(gpt3 / 175e9 - 1) < 0.01)
 

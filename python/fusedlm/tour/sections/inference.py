@@ -75,7 +75,7 @@ def run(ctx: Context) -> Section:
         rows.append([name, round(model_mib(m), 3), decode_tokens_per_s(ctx, m, 1), decode_tokens_per_s(ctx, m, 8),
                      corpus_nll(ctx, m), accuracy(a, truth)])
     agree = accuracy(answers["NF4"], answers["float32"])
-    sec.tables.append(Table("The SFT model in float32 and with every block linear in NF4",
+    sec.text.append(Table("The SFT model in float32 and with every block linear in NF4",
                             ["weights", "MiB", "decode tok/s (batch 1)", "decode tok/s (batch 8)", "corpus loss",
                              "QA accuracy (seen, greedy)"], rows))
     sec.text.append(f"Greedy answers identical in both: {100 * agree:.0f}%. Embeddings, norms and the head stay "

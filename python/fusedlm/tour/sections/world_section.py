@@ -28,8 +28,9 @@ def run(ctx: Context) -> Section:
 
     n_tokens = sum(len(tok.encode(t)) + 1 for t in w.corpus)
     sec.text += [f"Generated from seed {ctx.seed}, nothing downloaded: invented people with a birth city, a birth year "
-                 "and a job. *Seen* people's facts are in the pretraining corpus; *unseen* people's facts are only in "
-                 "the document store. Test questions are about people whose questions were never trained on.",
+                 "and a job. *Seen* people's facts are in the pretraining corpus (several paraphrased biographies each); "
+                 "*unseen* people's facts are only in the document store. Test questions are about people whose "
+                 "questions were never trained on.",
                  f"Tokenizer: a BPE of {tok.vocab_size} ids trained with the `tokenizers` library on the world's texts, "
                  "saved as `tokenizer.json` beside this report."]
     sec.tables.append(Table("The world", ["what", "count"], [
