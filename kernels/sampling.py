@@ -220,7 +220,7 @@ def row_uniforms(seed: int, rows: int, device) -> torch.Tensor:
 
 def sample(logits, temperature, top_k, top_p, seed: int, tokens: bool, filtered: bool):
     """Runs the kernel on contiguous logits [B, V]; returns (tokens | None, filtered | None, status)."""
-    
+
     B, V = logits.shape
     if logits.dtype == torch.bfloat16 and interpreting():
         logits = logits.float()  # the interpreter has no bfloat16; widening is exact

@@ -101,7 +101,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    nk = k.shape[2]
     prefix_len = None if prefix_len is None else prefix_len.contiguous()
     key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     bias = _expanded_bias(bias, q, nk)

@@ -129,7 +129,6 @@ def _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, init):
     """Runs csrc/cpu/lora.cpp: h = xd A_{id}ᵀ, then out = init + bias + s · h Bᵀ per row."""
     m, k = xd.shape
     n_adapters, r, _ = lora_a.shape
-    n_out = out.shape[1]
     a32 = lora_a.float().contiguous()  # [A, r, K]
     bt32 = lora_b.float().transpose(1, 2).contiguous()  # [A, r, N]: the expand streams along N
     scales = (scaling * gates.float()).contiguous()
