@@ -193,6 +193,6 @@ def _chart(rows: list[Row], info: dict, path: str) -> str | None:
                  f"fusedlm kernels {info['fusedlm_isa']}{capped}, torch kernels {info['torch_cpu_capability']}", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long case labels stay inside the image
     plt.close(fig)
     return path
