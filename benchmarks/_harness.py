@@ -5,10 +5,13 @@ implementation timed on one case; rows of the same case are compared with the ro
 ``impl`` starts with "fusedlm" (the suite may name several fusedlm rows, e.g. cpu and reference
 backends: the first one listed for the case is the baseline of the ratios). Ratios are
 ``peer time / fusedlm time``, so > 1 means fusedlm is faster. All rows of a table are measured in
-the same process, one after the other.
+the same process, one after the other. A row marked ``floor`` is a limit, not a peer: the time
+nothing that does the case's work can beat (one read of the input, the machine's sgemm rate);
+its ratio says how close fusedlm comes to it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -16,7 +19,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,6 +31,7 @@ class Row:
     impl: str  # e.g. "fusedlm[cpu]", "bitsandbytes", "torch fp32 matmul"
     ms: float  # median wall time in milliseconds
     extra: dict = dataclasses.field(default_factory=dict)  # GB/s, peak MiB, compile s, ...
+    floor: bool = False  # a limit (see the module docstring), not a peer
 
 
 def timeit(fn: Callable[[], object], *, warmup: int = 2, min_repeat: int = 5, min_seconds: float = 0.2, max_repeat: int = 200) -> float:
@@ -51,7 +55,7 @@ def _version(package: str) -> str:
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on: CPU, threads, SIMD level, library versions."""
+    """What the numbers were measured on: CPU, threads, SIMD levels, library versions."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -64,46 +68,96 @@ def machine_info() -> dict:
     try:
         from fusedlm import _C
 
-        isa = _C.active_isa()
+        detected, active = _C.detected_isa(), _C.active_isa()
     except ImportError:
-        isa = "fusedlm._C not built"
+        detected = active = "fusedlm._C not built"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "fusedlm_isa": isa,
+        "fusedlm_isa_detected": detected,
+        "fusedlm_isa": active,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         **{name: _version(name) for name in ("fusedlm", "torch", "triton", "transformers", "peft", "bitsandbytes")},
     }
 
 
+def header(info: dict) -> str:
+    """The first lines of `fusedlm bench`: the machine and the SIMD level each side runs."""
+    capped = "" if info["fusedlm_isa"] == info["fusedlm_isa_detected"] else " (capped by --isa / FUSEDLM_MAX_ISA)"
+    lines = [
+        f"fusedlm bench — {info['cpu']}, {info['cores']} cores, {info['torch_threads']} threads",
+        f"  fusedlm kernels: {info['fusedlm_isa']}{capped}; the CPU supports {info['fusedlm_isa_detected']}",
+        f"  torch kernels: {info['torch_cpu_capability']}"
+        + "".join(f", {k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ),
+        "  " + ", ".join(f"{k} {info[k]}" for k in ("python", "fusedlm", "torch", "triton", "transformers", "peft", "bitsandbytes")),
+    ]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silences the process's stdout and stderr (file descriptors 1 and 2) inside the block: native
+    libraries (torch.profiler's kineto) print there, past Python's sys.stdout."""
+    import sys
+
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        try:
+            os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def sgemm_row(suite: str, case: str, flops: float) -> Row:
+    """A torch float32 GEMM of (about) `flops` floating-point operations, square n x n @ n x n, as a
+    floor row: the rate this machine's BLAS reaches, measured in the same run."""
+    n = max(16, round((flops / 2) ** (1 / 3)))
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms = timeit(lambda: a @ b)
+    return Row(suite, case, f"torch sgemm {n}^3 (same FLOPs)", ms, {"GFLOP/s": 2 * n**3 / ms / 1e6}, floor=True)
+
+
 def ratio_table(rows: list[Row]) -> str:
     """Markdown table: per case, each implementation's time and its time / fusedlm's time."""
     lines = ["| suite | case | impl | ms | peer/fusedlm | notes |", "|---|---|---|---:|---:|---|"]
-    by_case: dict[tuple[str, str], list[Row]] = {}
-    for row in rows:
-        by_case.setdefault((row.suite, row.case), []).append(row)
-    for (suite, case), case_rows in by_case.items():
+    for (suite, case), case_rows in _by_case(rows).items():
         ours = next((r for r in case_rows if r.impl.startswith("fusedlm")), None)
         for r in case_rows:
             ratio = "" if ours is None or r is ours else f"{r.ms / ours.ms:.2f}x"
             notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
-            lines.append(f"| {suite} | {case} | {r.impl} | {r.ms:.3f} | {ratio} | {notes} |")
+            impl = f"{r.impl} (limit)" if r.floor else r.impl
+            lines.append(f"| {suite} | {case} | {impl} | {r.ms:.3f} | {ratio} | {notes} |")
     return "\n".join(lines)
+
+
+def _by_case(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    by_case: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        by_case.setdefault((row.suite, row.case), []).append(row)
+    return by_case
 
 
 def write_results(rows: list[Row], out_dir: str, name: str = "results") -> tuple[str, str | None]:
     """Writes <out_dir>/<name>.json (machine + rows) and, if matplotlib is there, <name>.png."""
     os.makedirs(out_dir, exist_ok=True)
+    info = machine_info()
     json_path = os.path.join(out_dir, f"{name}.json")
     with open(json_path, "w") as f:
-        json.dump({"machine": machine_info(), "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-    return json_path, _chart(rows, os.path.join(out_dir, f"{name}.png"))
+        json.dump({"machine": info, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return json_path, _chart(rows, info, os.path.join(out_dir, f"{name}.png"))
 
 
-def _chart(rows: list[Row], path: str) -> str | None:
-    """One horizontal bar per (case, peer): peer time / fusedlm time, log scale, 1.0 marked."""
+def _chart(rows: list[Row], info: dict, path: str) -> str | None:
+    """One horizontal bar per (case, peer): peer time / fusedlm time, log scale, 1.0 marked. Peers
+    are green (fusedlm faster) or red; limits (floor rows) are grey, hatched: a bar below 1 there
+    is how far fusedlm is from the limit, not a loss."""
     try:
         import matplotlib
 
@@ -111,28 +165,34 @@ def _chart(rows: list[Row], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    labels, ratios = [], []
-    by_case: dict[tuple[str, str], list[Row]] = {}
-    for row in rows:
-        by_case.setdefault((row.suite, row.case), []).append(row)
-    for (suite, case), case_rows in by_case.items():
+    labels, ratios, colors, hatches = [], [], [], []
+    for (suite, case), case_rows in _by_case(rows).items():
         ours = next((r for r in case_rows if r.impl.startswith("fusedlm")), None)
         if ours is None:
             continue
         for r in case_rows:
-            if r is not ours:
-                labels.append(f"{suite}: {case} vs {r.impl}")
-                ratios.append(r.ms / ours.ms)
+            if r is ours:
+                continue
+            ratio = r.ms / ours.ms
+            labels.append(f"{suite}: {case} vs {'limit: ' if r.floor else ''}{r.impl}")
+            ratios.append(ratio)
+            colors.append("lightgrey" if r.floor else "tab:green" if ratio >= 1 else "tab:red")
+            hatches.append("//" if r.floor else "")
     if not ratios:
         return None
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(ratios) + 1.2))
-    ax.barh(range(len(ratios)), ratios, color=["tab:green" if x >= 1 else "tab:red" for x in ratios])
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(ratios) + 1.6))
+    bars = ax.barh(range(len(ratios)), ratios, color=colors, edgecolor="grey")
+    for bar, hatch in zip(bars, hatches):
+        bar.set_hatch(hatch)
     ax.set_yticks(range(len(ratios)), labels, fontsize=7)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("peer time / fusedlm time  (> 1: fusedlm faster)")
+    ax.set_xlabel("peer time / fusedlm time  (> 1: fusedlm faster; grey: a limit, the closer to 1 the better)")
+    capped = "" if info["fusedlm_isa"] == info["fusedlm_isa_detected"] else f" (CPU: {info['fusedlm_isa_detected']})"
+    ax.set_title(f"fusedlm bench — {info['cpu']}, {info['torch_threads']} threads\n"
+                 f"fusedlm kernels {info['fusedlm_isa']}{capped}, torch kernels {info['torch_cpu_capability']}", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long case labels stay inside the image
     plt.close(fig)
     return path

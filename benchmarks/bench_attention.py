@@ -1,5 +1,10 @@
 """Masked attention on the CPU: fusedlm vs torch SDPA, compiled FlexAttention and the reference.
 
+Every fusedlm row notes its achieved GFLOP/s (4 D flops per visible (query, key) pair forward,
+10 D more backward: the S and P V products, then dP, dS K, dS^T Q, P^T dO with S recomputed) and
+each case has a limit row: a torch float32 GEMM of the same FLOP count, timed in the same run,
+so its ratio is the fraction of the machine's sgemm rate the kernel reaches.
+
 Quick set (issue #3's targets), B=1 H=8 N=1024 D=64:
   * forward fp32, causal / bidirectional / prefix (prefix = N/4): fusedlm[cpu] vs
     ``F.scaled_dot_product_attention`` (``is_causal=True``, no mask, or the prefix bool
@@ -29,10 +34,25 @@ import torch.nn.functional as F
 from fusedlm import ops
 from fusedlm.reference import attention as ref
 
-from ._harness import Row, timeit
+from ._harness import Row, sgemm_row, timeit
 
 SUITE = "attention"
 H = 8
+
+
+def _flops(b, n, d, mask, prefix, backward=False) -> float:
+    """Useful FLOPs of one call: the visible (query, key) pairs times 4 D (forward) or 14 D."""
+    mode = ref.MASK_MODES[mask]
+    pairs = b * H * int(ref.visible(n, n, mode, prefix if mode == ref.PREFIX else None).sum())
+    return pairs * d * (14 if backward else 4)
+
+
+def _with_flops(rows, case, flops):
+    """Notes GFLOP/s on the case's fusedlm rows and adds the same-FLOPs sgemm limit row."""
+    for r in rows:
+        if r.case == case and r.impl.startswith("fusedlm[cpu]"):
+            r.extra["GFLOP/s"] = flops / r.ms / 1e6
+    rows.append(sgemm_row(SUITE, case, flops))
 
 
 def _interleaved(fns: dict, rounds: int = 5, **timeit_kw) -> dict:
@@ -111,6 +131,7 @@ def _forward_case(rows, b, n, d, dtype, mask, *, flex: bool, reference: bool, sd
     with torch.no_grad():
         for impl, ms in _interleaved(fns).items():
             rows.append(Row(SUITE, case, impl, ms, extra.get(impl, {})))
+    _with_flops(rows, case, _flops(b, n, d, mask, prefix))
 
 
 def _backward_case(rows, b, n, d, dtype, mask):
@@ -132,6 +153,7 @@ def _backward_case(rows, b, n, d, dtype, mask):
     sdpa_name = "torch SDPA" + (" (bool mask)" if mask == "prefix" else "")
     for impl, ms in _interleaved({"fusedlm[cpu]": ours, sdpa_name: sdpa}, rounds=3).items():
         rows.append(Row(SUITE, case, impl, ms))
+    _with_flops(rows, case, _flops(b, n, d, mask, prefix, backward=True))
 
 
 def _bf16_case(rows, n, d, mask):
@@ -147,6 +169,7 @@ def _bf16_case(rows, n, d, mask):
     with torch.no_grad(), ops.use_backend("cpu"):
         for impl, ms in _interleaved(fns).items():
             rows.append(Row(SUITE, case, impl, ms))
+    _with_flops(rows, case, _flops(1, n, d, mask, n // 4))
 
 
 # Run in a fresh interpreter: allocates the inputs, resets the peak RSS, runs one forward and prints

@@ -8,7 +8,7 @@ Quick set (fp32, K = N = 4096, r = 16, M = 512):
   * single adapter, forward + backward (W frozen; x, A, B require grad) vs peft, with the bytes each
     saves for backward (``saved_MiB``);
   * mixed batch, 8 adapters (rows round-robin, one in 9 without an adapter): forward vs peft's
-    ``adapter_names`` path.
+    ``adapter_names`` path, at M=512 and decode-shaped (M=8 rows, each its own adapter).
 ``--full``: M in {1, 16, 512, 2048} x r in {8, 16, 64}, forward and forward + backward, mixed batches of
 4 and 8 adapters, and the cpu backend's two orders (``CPU_BASE_FIRST``).
 """
@@ -141,15 +141,16 @@ def _single(m: int, r: int, backward: bool, orders: bool) -> list[Row]:
     return rows
 
 
-def _mixed(m: int, r: int, n_adapters: int) -> list[Row]:
+def _mixed(m: int, r: int, n_adapters: int, own: bool = False) -> list[Row]:
+    """Rows round-robin over the adapters and no adapter (-1), or (own) row i on adapter i."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(m, K, generator=g)
     w = torch.randn(N, K, generator=g) * K**-0.5
     b = torch.randn(N, generator=g)
     a = torch.randn(n_adapters, r, K, generator=g) * K**-0.5
     bb = torch.randn(n_adapters, N, r, generator=g) * r**-0.5
-    ids = torch.arange(m) % (n_adapters + 1) - 1  # round-robin, -1 = base only
-    case = f"M={m} K=N={K} r={r} fp32 mixed {n_adapters} adapters fwd"
+    ids = torch.arange(m) % n_adapters if own else torch.arange(m) % (n_adapters + 1) - 1
+    case = f"M={m} K=N={K} r={r} fp32 mixed {n_adapters} adapters{' (row i: adapter i)' if own else ''} fwd"
     rows = []
     fused = lambda: ops.lora_linear(x, w, a, bb, 2.0, bias=b, adapter_ids=ids)  # noqa: E731
     with torch.no_grad():
@@ -170,7 +171,7 @@ def _mixed(m: int, r: int, n_adapters: int) -> list[Row]:
 
 def run(full: bool) -> list[Row]:
     if not full:
-        return _single(512, 16, False, False) + _single(512, 16, True, False) + _mixed(512, 16, 8)
+        return _single(512, 16, False, False) + _single(512, 16, True, False) + _mixed(512, 16, 8) + _mixed(8, 16, 8, own=True)
     rows = []
     for m in (1, 16, 512, 2048):
         for r in (8, 16, 64):

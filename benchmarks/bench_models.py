@@ -31,6 +31,7 @@ def _models():
         import transformers
     except ImportError:
         return ours, None
+    transformers.utils.logging.disable_progress_bar()  # `fusedlm bench` prints only its tables
     with tempfile.TemporaryDirectory() as path:
         hf.save_pretrained(ours, path)
         peer = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()

@@ -1,13 +1,15 @@
 """NF4 dequant-matmul, dequantise and quantise on the CPU: fusedlm vs bitsandbytes and dense torch.
 
-Quick set (issue #4's targets):
+Quick set (issues #4 and #10's targets):
   * M=1, 4096->11008 (fp32 and bf16 x): fusedlm's fused GEMV vs bitsandbytes ``matmul_4bit``,
     dense fp32/bf16 ``torch.matmul`` on the unquantised weight, and dequantise-then-matmul; the
     effective weight bandwidth (packed bytes + absmax per call) next to a plain read-bandwidth
-    probe (``torch.sum`` over a 1 GiB tensor) measured in the same run;
+    probe (``torch.sum`` over a 1 GiB tensor) measured in the same run, and the time those bytes
+    take at that bandwidth as a limit row;
   * M=512, 4096->4096, bf16 x: fusedlm's tiled path vs dense bf16 ``torch.matmul``, with the peak
     extra memory of each call (torch allocations beyond the output, from torch.profiler's memory
-    events) as a fraction of the fp32 weight's size;
+    events) as a fraction of the fp32 weight's size, and ``x_best_dense`` = fusedlm time / the
+    faster of the dense fp32 and bf16 matmuls;
   * quantisation of a 4096x4096 fp32 weight vs bitsandbytes ``quantize_4bit``, with the relative
     Frobenius error of dequant(quant(W)) of both.
 ``--full``: LLaMA-7B projection shapes (4096->4096, 4096->11008, 11008->4096) x M in {1, 8, 128, 512}.
@@ -18,13 +20,17 @@ import torch
 
 from fusedlm import ops
 
-from ._harness import Row, timeit
+from ._harness import Row, quiet, timeit
 
 SUITE = "nf4"
 BLOCKSIZE = 64
 
 
 def _bnb():
+    import logging
+
+    # bitsandbytes logs a warning at import when an optional kernel package is missing
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnbf
 
@@ -39,7 +45,7 @@ def peak_alloc_mib(fn) -> float:
     recorded by torch.profiler), in MiB."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:  # kineto prints to stderr
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     live = peak = 0
@@ -78,11 +84,13 @@ def _matmul_case(rows: list[Row], m: int, n: int, k: int, dtype: torch.dtype, *,
         return ms
 
     ms = add("fusedlm[cpu]", lambda: ops.nf4_matmul(x, qw))
+    ours = rows[-1]
     if m == 1:
         gbs = _weight_bytes(qw) / ms / 1e6
-        rows[-1].extra["weight_GB/s"] = gbs
+        ours.extra["weight_GB/s"] = gbs
         if probe_gbs:
-            rows[-1].extra["pct_of_read_bw"] = 100 * gbs / probe_gbs
+            ours.extra["pct_of_read_bw"] = 100 * gbs / probe_gbs
+            rows.append(Row(SUITE, case, "weight bytes at the read bandwidth", _weight_bytes(qw) / probe_gbs / 1e6, floor=True))
     if bnb_mods is not None:
         bnb, bnbf = bnb_mods
         data, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4")
@@ -94,6 +102,8 @@ def _matmul_case(rows: list[Row], m: int, n: int, k: int, dtype: torch.dtype, *,
     w_bf16 = w.bfloat16()
     x_bf16 = x.bfloat16()
     add("torch bf16 matmul (dense W)", lambda: x_bf16 @ w_bf16.T)
+    dense = [r.ms for r in rows[-2:]]
+    ours.extra["x_best_dense"] = ms / min(dense)  # fusedlm time / the faster dense matmul
 
 
 def _quantize_case(rows: list[Row], n: int, k: int, bnb_mods):

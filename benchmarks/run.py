@@ -3,11 +3,13 @@
     fusedlm bench                 # the quick default set (a few minutes on 2 cores)
     fusedlm bench --full          # the whole grid of every suite
     fusedlm bench --suite nf4     # one suite (repeatable)
+    fusedlm bench --isa avx2      # fusedlm's kernels and torch's capped at AVX2 (as on an AVX2-only CPU)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -28,6 +30,24 @@ SUITES = {
     "generation": "bench_generation",
 }
 
+# --isa LEVEL caps fusedlm's kernels (FUSEDLM_MAX_ISA) and torch's the same way, so one machine
+# shows the paths another would take: ATen's own dispatch, MKL and oneDNN read these variables
+# once, at start-up, hence the fresh process.
+ISA_CAPS = {
+    "scalar": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+    "avx512_bf16": {},
+}
+
+
+def _capped_environment(isa: str) -> dict[str, str] | None:
+    """The environment of a process capped at `isa`, or None if this one already is."""
+    wanted = {"FUSEDLM_MAX_ISA": isa, **ISA_CAPS[isa]}
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return None
+    return {**os.environ, **wanted}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusedlm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,12 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="run only this suite (repeatable)")
     parser.add_argument("--out", default="bench-results", help="folder for results.json and results.png (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch/fusedlm threads (default: torch's default)")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), default=None,
+                        help="cap the SIMD level of fusedlm's kernels and of torch's (a fresh process is started)")
     args = parser.parse_args(argv)
+    if args.isa:
+        env = _capped_environment(args.isa)
+        if env is not None:
+            sys.stdout.flush()
+            argv = sys.argv[1:] if argv is None else argv
+            os.execve(sys.executable, [sys.executable, "-m", "fusedlm.benchmarks.run", *argv], env)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    info = _harness.machine_info()
-    print("fusedlm bench — " + ", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    print(_harness.header(_harness.machine_info()), flush=True)
     rows: list[_harness.Row] = []
     for name in args.suite or list(SUITES):
         module = importlib.import_module(f"{__package__}.{SUITES[name]}")

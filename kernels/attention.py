@@ -27,22 +27,18 @@ and the results narrowed back; on a GPU they are loaded as they are.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# mask_mode values, as in fusedlm.reference.attention
-CAUSAL, PREFIX, BIDIRECTIONAL = 0, 1, 2
+from ..reference.attention import BIDIRECTIONAL, CAUSAL, PREFIX  # the mask_mode values
+from ._util import interpreting
 
 LOG2E = 1.4426950408889634  # scores are kept in base 2 so the kernels can use exp2
-_LOG2E = tl.constexpr(LOG2E)  # the same constants as seen from inside the kernels
+# the same constants as seen from inside the kernels
+_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CAUSAL, _PREFIX, _BIDIRECTIONAL = tl.constexpr(CAUSAL), tl.constexpr(PREFIX), tl.constexpr(BIDIRECTIONAL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,14 +49,14 @@ def _key_range(m0, nq, nk, prefix, MASK_MODE: tl.constexpr, BLOCK_M: tl.constexp
     """For the query rows [m0, m0 + BLOCK_M): (full_end, hi). Key tiles starting below full_end
     are visible to every row (no per-element test); tiles in [full_end, hi) need the test;
     keys >= hi are hidden from every row and never visited."""
-    if MASK_MODE == 2:
+    if MASK_MODE == _BIDIRECTIONAL:
         hi = nk
         full = nk
     else:
         off = nk - nq
         hi = tl.minimum(m0 + BLOCK_M, nq) + off  # the last row sees keys [0, hi)
         full = m0 + off + 1  # the first row sees keys [0, full)
-        if MASK_MODE == 1:
+        if MASK_MODE == _PREFIX:
             hi = tl.maximum(hi, prefix)
             full = tl.maximum(full, prefix)
         hi = tl.minimum(tl.maximum(hi, 0), nk)
@@ -74,14 +70,14 @@ def _query_range(n0, nq, nk, prefix, MASK_MODE: tl.constexpr, BLOCK_M: tl.conste
     [start, full_start) need the per-element test, tiles from full_start on see every key of the
     tile, tiles below start see none of them."""
     m_tiles_end = tl.cdiv(nq, BLOCK_M) * BLOCK_M
-    if MASK_MODE == 2:
+    if MASK_MODE == _BIDIRECTIONAL:
         start = nq * 0
         full = nq * 0
     else:
         off = nk - nq
         start = n0 - off  # the first row that sees key n0
         full = n0 + BLOCK_N - 1 - off  # the first row that sees key n0 + BLOCK_N - 1
-        if MASK_MODE == 1:
+        if MASK_MODE == _PREFIX:
             start = tl.where(n0 < prefix, 0, start)
             full = tl.where(n0 + BLOCK_N <= prefix, 0, full)
         start = tl.minimum(tl.maximum(start, 0), nq)
@@ -98,11 +94,42 @@ def _visible(rows, cols, nq, nk, prefix, MASK_MODE: tl.constexpr):
     """The visibility rule (module docstring) for broadcastable row/column index tensors,
     including the bounds checks; the key padding mask is applied by the callers."""
     vis = (rows < nq) & (cols < nk)
-    if MASK_MODE == 0:
+    if MASK_MODE == _CAUSAL:
         vis = vis & (cols <= rows + (nk - nq))
-    elif MASK_MODE == 1:
+    elif MASK_MODE == _PREFIX:
         vis = vis & ((cols <= rows + (nk - nq)) | (cols < prefix))
     return vis
+
+
+@triton.jit
+def _key_padding(pad_base, cols, stride_pn, nk, MASKED: tl.constexpr):
+    """True where key `cols` is a real token (bounds-checked on the mask's edge tiles)."""
+    if MASKED:
+        return tl.load(pad_base + cols * stride_pn, mask=cols < nk, other=0) != 0
+    return tl.load(pad_base + cols * stride_pn) != 0
+
+
+@triton.jit
+def _masked_scores(
+    s,  # scale * q.k in base 2 for query indices `rows` and key indices `cols` (S, or S^T)
+    rows, cols,  # broadcastable to s: rows[:, None] and cols[None, :] for S, the reverse for S^T
+    pad,  # key padding of `cols`, broadcastable like them (read when HAS_PAD)
+    bias_base, stride_bm, stride_bn,  # this (batch, head)'s bias view
+    nq, nk, prefix,
+    MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+):
+    """s + bias (in base 2) with every hidden entry -inf: the score step of each kernel."""
+    if HAS_BIAS:
+        bias = tl.load(bias_base + rows * stride_bm + cols * stride_bn, mask=(rows < nq) & (cols < nk), other=0.0)
+        s += bias.to(tl.float32) * _LOG2E
+    if MASKED:
+        vis = _visible(rows, cols, nq, nk, prefix, MASK_MODE)
+        if HAS_PAD:
+            vis = vis & pad
+        s = tl.where(vis, s, float("-inf"))
+    elif HAS_PAD:
+        s = tl.where(pad, s, float("-inf"))
+    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,18 +160,9 @@ def _fwd_tile(
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        b_mask = (rows[:, None] < nq) & col_ok[None, :]
-        bias = tl.load(bias_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-        s += bias.to(tl.float32) * _LOG2E
-    if MASKED:
-        vis = _visible(rows[:, None], cols[None, :], nq, nk, prefix, MASK_MODE)
-        if HAS_PAD:
-            vis = vis & (tl.load(pad_base + cols * stride_pn, mask=col_ok, other=0) != 0)[None, :]
-        s = tl.where(vis, s, float("-inf"))
-    elif HAS_PAD:
-        pad = tl.load(pad_base + cols * stride_pn) != 0
-        s = tl.where(pad[None, :], s, float("-inf"))
+    pad = _key_padding(pad_base, cols, stride_pn, nk, MASKED) if HAS_PAD else col_ok
+    s = _masked_scores(s, rows[:, None], cols[None, :], pad[None, :], bias_base, stride_bm, stride_bn, nq, nk, prefix,
+                       MASKED, MASK_MODE, HAS_BIAS, HAS_PAD)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
@@ -198,7 +216,7 @@ def _fwd_kernel(
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_base = bias_ptr + b * stride_bb + h * stride_bh if HAS_BIAS else bias_ptr
     pad_base = pad_ptr + b * stride_pb if HAS_PAD else pad_ptr
-    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == 1 else 0
+    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == _PREFIX else 0
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -273,17 +291,8 @@ def _dkdv_tile(
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # S^T in base 2, [BLOCK_N, BLOCK_M]
-    if HAS_BIAS:
-        b_mask = (cols < nk)[:, None] & row_ok[None, :]
-        bias = tl.load(bias_base + cols[:, None] * stride_bn + rows[None, :] * stride_bm, mask=b_mask, other=0.0)
-        st += bias.to(tl.float32) * _LOG2E
-    if MASKED:
-        vis = _visible(rows[None, :], cols[:, None], nq, nk, prefix, MASK_MODE)
-        if HAS_PAD:
-            vis = vis & pad[:, None]
-        st = tl.where(vis, st, float("-inf"))
-    elif HAS_PAD:
-        st = tl.where(pad[:, None], st, float("-inf"))
+    st = _masked_scores(st, rows[None, :], cols[:, None], pad[:, None], bias_base, stride_bm, stride_bn, nq, nk, prefix,
+                        MASKED, MASK_MODE, HAS_BIAS, HAS_PAD)
     pt = tl.math.exp2(st - lse[None, :])  # P^T
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP^T
@@ -332,7 +341,7 @@ def _dkdv_kernel(
         pad = tl.load(pad_ptr + b * stride_pb + cols * stride_pn, mask=cols < nk, other=0) != 0
     else:
         pad = cols < nk
-    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == 1 else 0
+    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == _PREFIX else 0
     start, full_start = _query_range(n0, nq, nk, prefix, MASK_MODE, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -376,18 +385,9 @@ def _dq_tile(
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if HAS_BIAS:
-        b_mask = (rows[:, None] < nq) & col_ok[None, :]
-        bias = tl.load(bias_base + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
-        s += bias.to(tl.float32) * _LOG2E
-    if MASKED:
-        vis = _visible(rows[:, None], cols[None, :], nq, nk, prefix, MASK_MODE)
-        if HAS_PAD:
-            vis = vis & (tl.load(pad_base + cols * stride_pn, mask=col_ok, other=0) != 0)[None, :]
-        s = tl.where(vis, s, float("-inf"))
-    elif HAS_PAD:
-        pad = tl.load(pad_base + cols * stride_pn) != 0
-        s = tl.where(pad[None, :], s, float("-inf"))
+    pad = _key_padding(pad_base, cols, stride_pn, nk, MASKED) if HAS_PAD else col_ok
+    s = _masked_scores(s, rows[:, None], cols[None, :], pad[None, :], bias_base, stride_bm, stride_bn, nq, nk, prefix,
+                       MASKED, MASK_MODE, HAS_BIAS, HAS_PAD)
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -445,7 +445,7 @@ def _dq_kernel(
     bias_base = bias_ptr + b * stride_bb + h * stride_bh if HAS_BIAS else bias_ptr
     dbias_base = dbias_ptr + b * stride_dbb + h * stride_dbh if HAS_BIAS else dbias_ptr
     pad_base = pad_ptr + b * stride_pb if HAS_PAD else pad_ptr
-    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == 1 else 0
+    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == _PREFIX else 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = _key_range(m0, nq, nk, prefix, MASK_MODE, BLOCK_M, BLOCK_N)
@@ -484,7 +484,7 @@ def _blocks(kernel: str, d: int, dtype: torch.dtype, has_bias: bool) -> tuple[in
     float32 tiles take twice the memory: half the query rows (and, in the dK/dV kernel, which
     keeps its key tile in registers, half the keys) and at most two stages; all fit the 227 KiB of
     shared memory per block of sm_90, though the float32 forward still spills (it is not tuned)."""
-    if _interpreting():
+    if interpreting():
         return 16, 16, 4, 1
     bm, bn, warps, stages = _CONFIGS[kernel, has_bias][0 if d <= 64 else 1 if d <= 128 else 2]
     if dtype == torch.float32:
@@ -509,7 +509,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _kernel_input(t: torch.Tensor | None) -> torch.Tensor | None:
     # numpy (the interpreter) has no bfloat16; float16 dots are widened too, exactly.
-    if t is not None and t.dtype in (torch.bfloat16, torch.float16) and _interpreting():
+    if t is not None and t.dtype in (torch.bfloat16, torch.float16) and interpreting():
         return t.float()
     return t
 
@@ -574,7 +574,7 @@ def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_paddin
     qk_scale = scale * LOG2E
 
     delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
-    delta_rows = 16 if _interpreting() else max(16, 4096 // bd)
+    delta_rows = 16 if interpreting() else max(16, 4096 // bd)
     _delta_kernel[(triton.cdiv(nq, delta_rows), b * hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, nq, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=delta_rows,
     )

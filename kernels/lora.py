@@ -18,11 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._util import interpreting
 
 
 @triton.jit
@@ -88,7 +84,7 @@ def lora_linear(x, weight, base, h, lora_b, ids, scales, bias):
     lora_b [A, N, r]; ids int64 [M] (-1 allowed); scales float32 [M]; bias [N] or None."""
     m, k = x.shape
     n_adapters, n_out, r = lora_b.shape
-    interp = _interpreting()
+    interp = interpreting()
     # The CPU interpreter has no bfloat16 (numpy has none): widen exactly to float32 there.
     cast = (lambda t: t.float() if t is not None and t.dtype == torch.bfloat16 else t) if interp else (lambda t: t)
     xk = x if x.stride(1) == 1 else x.contiguous()

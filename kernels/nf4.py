@@ -16,16 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._util import interpreting
 
 
 def _kernel_input(t: torch.Tensor) -> torch.Tensor:
     # Triton's CPU interpreter has no bfloat16 (numpy has none); the exact widening to float32
     # gives the same bytes. On GPUs bfloat16 is loaded directly.
-    return t.float() if t.dtype == torch.bfloat16 and _interpreting() else t
+    return t.float() if t.dtype == torch.bfloat16 and interpreting() else t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ def _dequantize_kernel(
 def dequantize(data: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor, out: torch.Tensor) -> None:
     """Unpacks 1-D `data` with float32 `absmax` into contiguous 1-D `out` (any float dtype)."""
     target = out
-    if out.dtype == torch.bfloat16 and _interpreting():
+    if out.dtype == torch.bfloat16 and interpreting():
         out = torch.empty_like(out, dtype=torch.float32)
     n = out.numel()
     bytes_per_program = 1024
@@ -190,7 +187,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize:
     x = _kernel_input(x)
     m, k = x.shape
     if m <= 8:
-        block_n, block_k = (16, 32) if _interpreting() else (64, 128)
+        block_n, block_k = (16, 32) if interpreting() else (64, 128)
         n_blocks = triton.cdiv(n, block_n)
         # split K until there are enough programs to fill the device
         split = 1
@@ -205,7 +202,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize:
         )
         return partial.sum(0) if split > 1 else partial[0]
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    block = (16, 16, 32) if _interpreting() else (64, 64, 64)
+    block = (16, 16, 32) if interpreting() else (64, 64, 64)
     grid = (triton.cdiv(m, block[0]), triton.cdiv(n, block[1]))
     _gemm_kernel[grid](
         x, data, absmax, code, out, m, n, k, blocksize, x.stride(0),

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlm.reference.sampling import GOLDEN
+from ..reference.sampling import GOLDEN
+from ._util import interpreting
 
 MAX_BLOCK = 1024  # elements a program handles per chunk
 
@@ -219,10 +220,9 @@ def row_uniforms(seed: int, rows: int, device) -> torch.Tensor:
 
 def sample(logits, temperature, top_k, top_p, seed: int, tokens: bool, filtered: bool):
     """Runs the kernel on contiguous logits [B, V]; returns (tokens | None, filtered | None, status)."""
-    import os
 
     B, V = logits.shape
-    if logits.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if logits.dtype == torch.bfloat16 and interpreting():
         logits = logits.float()  # the interpreter has no bfloat16; widening is exact
     dev = logits.device
     tok = torch.empty(B, dtype=torch.int64, device=dev)

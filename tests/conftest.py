@@ -2,11 +2,47 @@
 
 Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. triton.jit decides
 whether to interpret when a kernel module is imported, so the variable is set here, before any
-test module imports fusedlm.kernels.
+test module imports fusedlm.kernels, and only where no GPU is: on a GPU machine the kernels
+compile and run on the device.
+
+The ``cpu_isa`` fixture runs a test once per SIMD level of the cpu kernels this machine has
+(scalar, avx2, avx512, avx512_bf16 as available), so an AVX-512 machine also tests the AVX2 and
+scalar instantiations of every kernel.
 """
+import contextlib
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fusedlm.ops import _backends  # noqa: E402
+
+CPU_ISAS = _backends.cpu_isa_levels()
+
+
+@pytest.fixture(params=CPU_ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="fusedlm._C is not built"))])
+def cpu_isa(request):
+    """The cpu kernels capped at one SIMD level for the test (yields the level's name)."""
+    with _backends.cpu_isa_limit(request.param) as active:
+        assert active == request.param
+        yield active
+
+
+@pytest.fixture
+def on_backend():
+    """on_backend(name) forces backend `name` in a with-block; "cpu:<isa>" is the cpu backend capped
+    at that SIMD level."""
+
+    @contextlib.contextmanager
+    def force(name: str):
+        backend, _, isa = name.partition(":")
+        with contextlib.ExitStack() as stack:
+            if isa:
+                stack.enter_context(_backends.cpu_isa_limit(isa))
+            stack.enter_context(_backends.use_backend(backend))
+            yield backend
+
+    return force

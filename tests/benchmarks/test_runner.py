@@ -48,3 +48,17 @@ def test_runner_runs_the_chosen_suite(tmp_path, monkeypatch, capsys):
 def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "fusedlm.cli", "--help"], capture_output=True, text=True, check=True)
     assert "fusedlm bench" in result.stdout
+
+
+def test_header_names_the_simd_levels():
+    info = _harness.machine_info()
+    text = _harness.header(info)
+    assert info["fusedlm_isa"] in text and info["torch_cpu_capability"] in text
+
+
+def test_isa_flag_caps_fusedlm_and_torch_in_a_fresh_process():
+    env = run._capped_environment("avx2")
+    assert env["FUSEDLM_MAX_ISA"] == "avx2" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    code = "from fusedlm.benchmarks import _harness; i = _harness.machine_info(); print(i['fusedlm_isa'], i['torch_cpu_capability'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] in ("scalar", "avx2") and out[1] in ("DEFAULT", "AVX2")  # capped, or this CPU has less

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from fusedlm.reference.attention import BIDIRECTIONAL, CAUSAL, PREFIX
+
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-CAUSAL, PREFIX, BIDIRECTIONAL = 0, 1, 2
 # max |got - want| / max |want| per dtype; outputs / gradients
 TOL = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 1e-4)}
 

@@ -1,10 +1,4 @@
 """ops.lora_linear: every backend against the reference (forward and grads), opcheck, bad input."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
-import contextlib
-
 import pytest
 import torch
 
@@ -15,20 +9,10 @@ from fusedlm.reference import lora as ref
 
 HAS_TRITON = "triton" in ops.available_backends()
 TRITON = pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")])
-BACKENDS = ["reference", "cpu", "cpu-scalar", TRITON]
+# the cpu backend once per SIMD level this machine has (on_backend in tests/conftest.py)
+BACKENDS = ["reference", *(f"cpu:{isa}" for isa in _backends.cpu_isa_levels()), TRITON]
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float16: dict(atol=3e-3, rtol=3e-3)}
-
-
-@contextlib.contextmanager
-def _backend(name):
-    """Forces a backend; "cpu-scalar" is the cpu backend capped to its scalar C++ paths."""
-    if name == "cpu-scalar":
-        with _backends.cpu_isa_limit("scalar"), ops.use_backend("cpu"):
-            yield
-    else:
-        with ops.use_backend(name):
-            yield
 
 
 def _case(m, k, n, r, n_adapters=None, dtype=torch.float32, bias=True, seed=0, none_rows=True):
@@ -61,22 +45,22 @@ SHAPES = [(1, 32, 16, 4), (17, 48, 40, 8), (64, 64, 96, 16), (5, 33, 17, 3)]  # 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("n_adapters", [None, 3])
-def test_forward_matches_reference(backend, dtype, shape, n_adapters):
+def test_forward_matches_reference(on_backend, backend, dtype, shape, n_adapters):
     case = _case(*shape, n_adapters=n_adapters, dtype=dtype)
     gates = None if n_adapters is None else torch.tensor([0.5, 1.0, 0.0], dtype=dtype)
     expected = _call(ref.lora_linear, case, gates=gates)
-    with _backend(backend):
+    with on_backend(backend):
         got = _call(ops.lora_linear, case, gates=gates)
     assert got.dtype == dtype and got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_multi_adapter_equals_per_row_loop_with_none_rows(backend):
+def test_multi_adapter_equals_per_row_loop_with_none_rows(on_backend, backend):
     case = _case(11, 24, 20, 4, n_adapters=4)
     case["adapter_ids"] = torch.tensor([3, -1, 0, 0, 2, -1, 1, 3, 3, -1, 0])
     gates = torch.tensor([1.0, 0.25, 2.0, 0.5])
-    with _backend(backend):
+    with on_backend(backend):
         got = _call(ops.lora_linear, case, gates=gates)
     for row, a in enumerate(case["adapter_ids"].tolist()):
         single = dict(case, x=case["x"][row : row + 1], adapter_ids=None,
@@ -86,11 +70,11 @@ def test_multi_adapter_equals_per_row_loop_with_none_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leading_dims_gates_float_and_no_bias(backend):
+def test_leading_dims_gates_float_and_no_bias(on_backend, backend):
     case = _case(6, 16, 8, 2, bias=False)
     case["x"] = case["x"].view(2, 3, 16)
     expected = _call(ref.lora_linear, case, gates=0.3)
-    with _backend(backend):
+    with on_backend(backend):
         got = _call(ops.lora_linear, case, gates=0.3)
         got_t = _call(ops.lora_linear, case, gates=torch.tensor([0.3]))
     assert got.shape == (2, 3, 8)
@@ -99,8 +83,8 @@ def test_leading_dims_gates_float_and_no_bias(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_rows_and_all_none_rows(backend):
-    with _backend(backend):
+def test_empty_rows_and_all_none_rows(on_backend, backend):
+    with on_backend(backend):
         empty = _case(0, 16, 8, 2, n_adapters=2)
         assert _call(ops.lora_linear, empty).shape == (0, 8)
         case = _case(4, 16, 8, 2, n_adapters=2)
@@ -110,12 +94,12 @@ def test_empty_rows_and_all_none_rows(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", TRITON])
-def test_nf4_weight_uses_nf4_matmul_base(backend):
+def test_nf4_weight_uses_nf4_matmul_base(on_backend, backend):
     case = _case(9, 64, 32, 4)
     qw = ops.nf4_quantize(case["weight"], blocksize=64)
     dense = dict(case, weight=ops.nf4_dequantize(qw))
     expected = _call(ref.lora_linear, dense)
-    with _backend(backend):
+    with on_backend(backend):
         x = case["x"].clone().requires_grad_()
         got = _call(ops.lora_linear, dict(case, weight=qw, x=x))
         got.sum().backward()
@@ -140,11 +124,11 @@ def _grads(fn, case, gates, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n_adapters", [None, 3])
-def test_grads_match_reference_autograd(backend, dtype, n_adapters):
+def test_grads_match_reference_autograd(on_backend, backend, dtype, n_adapters):
     case = _case(13, 40, 24, 4, n_adapters=n_adapters, dtype=dtype)
     gates = torch.tensor([0.7] if n_adapters is None else [0.5, 1.0, 2.0], dtype=dtype)
     expected = _grads(ref.lora_linear, case, gates)
-    with _backend(backend):
+    with on_backend(backend):
         got = _grads(ops.lora_linear, case, gates)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-1, rtol=5e-2)
     for name in expected:
@@ -152,13 +136,13 @@ def test_grads_match_reference_autograd(backend, dtype, n_adapters):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_mask_from_generator_reused_in_backward(backend):
+def test_dropout_mask_from_generator_reused_in_backward(on_backend, backend):
     case = _case(10, 32, 16, 4, n_adapters=2)
     gates = torch.tensor([1.0, 0.5])
     seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)))
     mask = ref.dropout_mask(10, 32, 0.3, seed, torch.device("cpu"))
     expected = _grads(ref.lora_linear, case, gates, dropout_mask=mask)
-    with _backend(backend):
+    with on_backend(backend):
         got = _grads(ops.lora_linear, case, gates, dropout_p=0.3, generator=torch.Generator().manual_seed(5))
         y = _call(ops.lora_linear, case, dropout_p=0.3, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(y, _call(ref.lora_linear, case, dropout_mask=mask), **TOL[torch.float32])

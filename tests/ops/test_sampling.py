@@ -1,9 +1,6 @@
 """ops.sample / ops.filter_logits: every backend against the reference (kept sets, tokens, the drawn
 distribution by a chi-square test), seeding, per-row parameters, greedy, bad inputs, opcheck."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
+import functools
 
 import pytest
 import torch
@@ -16,10 +13,9 @@ from fusedlm.reference import sampling as ref
 HAS_TRITON = "triton" in ops.available_backends()
 TRITON = pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")])
 BACKENDS = ["reference", "cpu", TRITON]
+# the cpu backend once per SIMD level this machine has (on_backend in tests/conftest.py)
+CPU_ISAS = [f"cpu:{isa}" for isa in _backends.cpu_isa_levels()]
 FAST_BACKENDS = ["reference", "cpu"]  # for many rows / large vocabularies (the interpreter is slow)
-
-
-_isa = _backends.cpu_isa_limit
 
 
 def quantised_logits(rows, vocab, seed, neg_inf=0.1):
@@ -35,16 +31,16 @@ def quantised_logits(rows, vocab, seed, neg_inf=0.1):
 PARAMS = [(1.0, 0, 0.9), (0.7, 5, 0.9), (1.0, 3, 1.0), (1.5, 0, 0.35), (1.0, 0, 1.0), (0.0, 0, 1.0), (0.8, 40, 0.6)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", *CPU_ISAS, TRITON])
 @pytest.mark.parametrize("temperature,top_k,top_p", PARAMS)
 @pytest.mark.parametrize("vocab", [1, 17, 130])
-def test_matches_reference(backend, temperature, top_k, top_p, vocab):
+def test_matches_reference(on_backend, backend, temperature, top_k, top_p, vocab):
     logits = quantised_logits(24 if backend != "triton" else 5, vocab, seed=vocab + top_k)  # the interpreter is slow
     expected = ref.filter_logits(logits, temperature, top_k, top_p)
     tokens = ref.sample_with_seed(logits, 4242, temperature, top_k, top_p)
-    with ops.use_backend(backend):
+    with on_backend(backend) as name:
         out = ops.filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        drawn = sampling_ops._sample_op(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 4242, backend)
+        drawn = sampling_ops._sample_op(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 4242, name)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     assert drawn.dtype == torch.int64 and torch.equal(drawn, tokens)
 
@@ -65,37 +61,43 @@ def test_triton_several_chunks_per_row(monkeypatch, temperature, top_k, top_p):
     assert torch.equal(drawn, ref.sample_with_seed(logits, 99, temperature, top_k, top_p))
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "scalar"])
+@functools.lru_cache(maxsize=None)
+def _large_vocab_case(vocab, temperature, top_k, top_p):
+    """Logits with ties and without, and the reference's kept logits and tokens (once per case)."""
+    logits = torch.cat([quantised_logits(8, vocab, seed=vocab), torch.randn(8, vocab, generator=torch.Generator().manual_seed(1)) * 3])
+    return logits, ref.filter_logits(logits, temperature, top_k, top_p), ref.sample_with_seed(logits, 77, temperature, top_k, top_p)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 2500, 0.95), (1.0, 2500, 1.0), (0.6, 50, 0.8)])
 @pytest.mark.parametrize("vocab", [3001, 5000])
-def test_cpu_large_vocab_paths_match_reference(isa, temperature, top_k, top_p, vocab):
+def test_cpu_large_vocab_paths_match_reference(cpu_isa, temperature, top_k, top_p, vocab):
     # vocab > 2048 survivors: the histogram path (top-p) and the dense path (large top-k)
-    logits = torch.cat([quantised_logits(8, vocab, seed=vocab), torch.randn(8, vocab, generator=torch.Generator().manual_seed(1)) * 3])
-    with _isa(isa), ops.use_backend("cpu"):
+    logits, expected, tokens = _large_vocab_case(vocab, temperature, top_k, top_p)
+    with ops.use_backend("cpu"):
         out = ops.filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         drawn = sampling_ops._sample_op(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 77, "cpu")
-    assert torch.equal(out, ref.filter_logits(logits, temperature, top_k, top_p))
-    assert torch.equal(drawn, ref.sample_with_seed(logits, 77, temperature, top_k, top_p))
+    assert torch.equal(out, expected)
+    assert torch.equal(drawn, tokens)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", *CPU_ISAS, TRITON])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_logits_and_row_strides(backend, dtype):
+def test_half_logits_and_row_strides(on_backend, backend, dtype):
     wide = quantised_logits(9, 80, seed=5).to(dtype)
     logits = wide[:, 3:67]  # rows 80 elements apart
     kw = dict(temperature=0.9, top_k=7, top_p=0.8)
-    with ops.use_backend(backend):
+    with on_backend(backend):
         out = ops.filter_logits(logits, **kw)
     assert torch.equal(out, ref.filter_logits(logits.contiguous(), 0.9, 7, 0.8))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_per_row_parameters(backend):
+@pytest.mark.parametrize("backend", ["reference", *CPU_ISAS, TRITON])
+def test_per_row_parameters(on_backend, backend):
     logits = quantised_logits(6, 40, seed=11)
     t = torch.tensor([0.5, 1.0, 0.0, 2.0, 1.0, 0.8])
     k = torch.tensor([0, 5, 3, 1, 40, 10], dtype=torch.int32)
     p = torch.tensor([0.9, 1.0, 0.5, 0.3, 0.7, 1.0])
-    with ops.use_backend(backend):
+    with on_backend(backend):
         out = ops.filter_logits(logits, temperature=t, top_k=k, top_p=p)
         g = torch.Generator().manual_seed(3)
         tokens = ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g)

@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..kernels._util import interpreting
+
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 # Backends forced by use_backend(), innermost last. A plain list, not a ContextVar, so that
@@ -33,11 +35,15 @@ _warned: set[tuple[str, str, str]] = set()
 
 @functools.cache
 def _compiled(module: str):
-    """fusedlm._C or fusedlm._cuda, or None when this install does not have it."""
+    """fusedlm._C or fusedlm._cuda, or None when this install does not have it. The environment
+    variable FUSEDLM_MAX_ISA (scalar, avx2, avx512, avx512_bf16) caps the SIMD level of fusedlm._C."""
     try:
-        return importlib.import_module(f"fusedlm.{module}")
+        compiled = importlib.import_module(f"fusedlm.{module}")
     except ImportError:
         return None
+    if module == "_C" and os.environ.get("FUSEDLM_MAX_ISA"):
+        compiled.set_max_isa(os.environ["FUSEDLM_MAX_ISA"])
+    return compiled
 
 
 def cpu_module():
@@ -56,6 +62,18 @@ def cuda_module():
     return module
 
 
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")  # csrc/common/cpu_features.h, lowest first
+
+
+def cpu_isa_levels() -> list[str]:
+    """The SIMD levels of the cpu kernels this machine can run, lowest first ([] without fusedlm._C).
+    An AVX-512 machine runs its AVX2 and scalar paths too: tests and ``fusedlm bench --isa`` use them."""
+    module = _compiled("_C")
+    if module is None:
+        return []
+    return list(CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(module.detected_isa()) + 1])
+
+
 @contextlib.contextmanager
 def cpu_isa_limit(name: str) -> Iterator[str]:
     """Caps the SIMD level of the cpu kernels inside the block, for tests and benchmarks.
@@ -64,15 +82,15 @@ def cpu_isa_limit(name: str) -> Iterator[str]:
     every SIMD path must equal. Yields the level actually in use.
     """
     module = cpu_module()
+    previous = module.max_isa()
     module.set_max_isa(name)
     try:
         yield module.active_isa()
     finally:
-        module.set_max_isa("avx512_bf16")  # the top level: no cap
+        module.set_max_isa(previous)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton_interpreting = interpreting  # TRITON_INTERPRET=1: Triton kernels run on CPU tensors
 
 
 def _probe(backend: str) -> str | None:

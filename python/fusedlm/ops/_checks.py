@@ -9,10 +9,16 @@ from typing import Iterable
 
 import torch
 
+from ._backends import cpu_module
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Codes the C++/CUDA kernels use for element types (csrc/common/dtype.h: enum DType).
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Codes the C++/CUDA kernels use for element types (csrc/common/dtype.h: enum DType); bool
+# tensors (masks) cross as bytes.
+DTYPE_CODES = {
+    torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3, torch.bool: 3,
+    torch.int32: 4, torch.int64: 5, torch.float64: 6,
+}
 
 
 def tensor(name: str, value, *, dtypes: Iterable[torch.dtype] | None = None, ndim: int | Iterable[int] | None = None) -> torch.Tensor:
@@ -85,3 +91,18 @@ def finite(name: str, value: torch.Tensor) -> None:
 def num_threads() -> int:
     """The thread count the CPU kernels use (DESIGN.md rule 5)."""
     return torch.get_num_threads()
+
+
+def view(t: torch.Tensor):
+    """``fusedlm._C.View`` of `t` (csrc/common/view.h): its address, dtype code, sizes and strides."""
+    return cpu_module().View(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape, t.stride())
+
+
+def cpu_args(kind: str, **fields):
+    """The ``fusedlm._C`` args struct `kind` (csrc/cpu/ops.h) with its fields set by name: tensors as
+    views, other values as they are; None leaves a field absent. A misspelt field raises."""
+    args = getattr(cpu_module(), kind)()
+    for name, value in fields.items():
+        if value is not None:
+            setattr(args, name, view(value) if isinstance(value, torch.Tensor) else value)
+    return args

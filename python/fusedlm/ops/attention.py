@@ -11,8 +11,9 @@ and ``triton`` (``kernels/attention.py``). Each returns the output and the per-r
 Dropout on the probabilities (``dropout_p > 0``, training): the wrapper draws one seed per call and
 passes it to the op as a tensor; forward and backward regenerate the same keep mask from it with
 the counter-based recipe of :func:`fusedlm.reference.attention.dropout_keep`, so nothing of size
-``Nq x Nk`` is saved. Only the reference backend implements it so far: cpu and triton report
-dropout as unsupported (a fallback with a warning, or an error when forced).
+``Nq x Nk`` is saved. The reference and cpu backends implement it (the cpu kernel draws the same
+Philox words, so the same keep decisions, tile by tile in both passes); triton reports dropout as
+unsupported (a fallback to the reference with a warning, or an error when forced).
 """
 from __future__ import annotations
 
@@ -33,16 +34,25 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cpu_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str | None:
+def _cpu_supports(dtype: torch.dtype, **facts) -> str | None:
     if dtype not in (torch.float32, torch.bfloat16):
         return f"the cpu kernel supports float32 and bfloat16, got {dtype}"
-    return "the cpu kernel does not implement dropout_p > 0 yet" if dropout else None
+    return None
 
 
 def _triton_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str | None:
     if dtype not in _checks.FLOAT_DTYPES:
         return f"the triton kernel does not support {dtype}"
     return "the triton kernel does not implement dropout_p > 0 yet" if dropout else None
+
+
+def _cpu_dropout(dropout_p: float, seed: int) -> dict:
+    """The dropout fields of the cpu kernel's AttentionArgs (csrc/cpu/ops.h): the reference's
+    integer keep threshold, the seed, and the multiplier of kept probabilities (as float32)."""
+    if dropout_p == 0:
+        return {}
+    return {"dropout_threshold": ref.dropout_threshold(dropout_p), "dropout_seed": seed,
+            "dropout_scale": 1.0 / (1.0 - dropout_p)}
 
 
 def _no_dropout(backend: str, dropout_p: float) -> None:
@@ -82,38 +92,25 @@ def _forward_reference(q, k, v, mode, prefix_len, key_padding_mask, bias, scale,
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
-def _strides(t: torch.Tensor) -> list[int]:
-    return list(t.stride())
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of D contiguous elements; any other strides are passed through."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _cpu_mask_args(prefix_len, key_padding_mask):
-    prefix = 0 if prefix_len is None else prefix_len.contiguous().data_ptr()
-    pad = 0 if key_padding_mask is None else key_padding_mask.contiguous().data_ptr()
-    return prefix, pad
-
-
 @_forward.register("cpu", supports=_cpu_supports)
 def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
-    _no_dropout("cpu", dropout_p)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    nk = k.shape[2]
     prefix_len = None if prefix_len is None else prefix_len.contiguous()
     key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     bias = _expanded_bias(bias, q, nk)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, nq), dtype=torch.float32)
-    cpu_module().attention_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _checks.DTYPE_CODES[q.dtype], b, hq, hkv, nq, nk, d,
-        _strides(q), _strides(k), _strides(v), mode, *_cpu_mask_args(prefix_len, key_padding_mask),
-        0 if bias is None else bias.data_ptr(), [0] * 4 if bias is None else _strides(bias), float(scale),
-        out.data_ptr(), lse.data_ptr(), _checks.num_threads(),
-    )
+    cpu_module().attention_forward(_checks.cpu_args(
+        "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
+        bias=bias, scale=float(scale), out=out, lse=lse, num_threads=_checks.num_threads(), **_cpu_dropout(dropout_p, seed),
+    ))
     return out, lse
 
 
@@ -163,7 +160,6 @@ def _cpu_splits(b: int, hkv: int, nk: int, threads: int, key_tile: int = 128) ->
 @_backward.register("cpu", supports=_cpu_supports)
 def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
                   bias_grad):
-    _no_dropout("cpu", dropout_p)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -178,13 +174,11 @@ def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mas
     dk = torch.empty((b, hkv, nk, d), dtype=torch.float32)
     dv = torch.empty((b, hkv, nk, d), dtype=torch.float32)
     dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32) if bias_grad else None
-    cpu_module().attention_backward(
-        grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        _checks.DTYPE_CODES[q.dtype], b, hq, hkv, nq, nk, d, _strides(q), _strides(k), _strides(v), mode,
-        *_cpu_mask_args(prefix_len, key_padding_mask), 0 if bias32 is None else bias32.data_ptr(),
-        [0] * 4 if bias32 is None else _strides(bias32), float(scale),
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if dbias is None else dbias.data_ptr(), splits, threads,
-    )
+    cpu_module().attention_backward(_checks.cpu_args(
+        "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
+        bias=bias32, scale=float(scale), out=out, lse=lse, grad_out=grad_out, dq=dq, dk=dk, dv=dv, dbias=dbias,
+        num_threads=threads, **_cpu_dropout(dropout_p, seed),
+    ))
     dq = dq.sum(0) if splits > 1 else dq[0]
     return dq[..., :d].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias if bias_grad else q.new_empty(0)
 

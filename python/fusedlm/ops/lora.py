@@ -129,7 +129,6 @@ def _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, init):
     """Runs csrc/cpu/lora.cpp: h = xd A_{id}ᵀ, then out = init + bias + s · h Bᵀ per row."""
     m, k = xd.shape
     n_adapters, r, _ = lora_a.shape
-    n_out = out.shape[1]
     a32 = lora_a.float().contiguous()  # [A, r, K]
     bt32 = lora_b.float().transpose(1, 2).contiguous()  # [A, r, N]: the expand streams along N
     scales = (scaling * gates.float()).contiguous()
@@ -142,12 +141,12 @@ def _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, init):
         segments = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     bias32 = None if bias is None else bias.float().contiguous()
     h = torch.empty((m, r), dtype=torch.float32)
-    cpu_module().lora_forward(
-        xd.data_ptr(), _checks.DTYPE_CODES[xd.dtype], xd.stride(0), m, k, a32.data_ptr(), bt32.data_ptr(),
-        n_adapters, r, n_out, 0 if rows is None else rows.data_ptr(), segments.data_ptr(), scales.data_ptr(),
-        0 if bias32 is None else bias32.data_ptr(), h.data_ptr(), 0 if init is None else init.data_ptr(),
-        out.data_ptr(), _checks.DTYPE_CODES[out.dtype], _checks.num_threads(),
-    )
+    if m == 0:
+        return h
+    cpu_module().lora_forward(_checks.cpu_args(
+        "LoraArgs", x=xd, lora_a=a32, lora_bt=bt32, rows=rows, segments=segments, scales=scales, bias=bias32, h=h,
+        init=init, out=out, num_threads=_checks.num_threads(),
+    ))
     return h
 
 

@@ -135,10 +135,10 @@ def _empty_packed(w: torch.Tensor, blocksize: int):
 def _quantize_cpu(w: torch.Tensor, blocksize: int):
     w = w.contiguous()
     data, absmax = _empty_packed(w, blocksize)
-    cpu_module().nf4_quantize(
-        w.data_ptr(), _checks.DTYPE_CODES[w.dtype], w.numel(), blocksize,
-        ref.NF4_MIDPOINTS.data_ptr(), data.data_ptr(), absmax.data_ptr(), _checks.num_threads(),
-    )
+    cpu_module().nf4_quantize(_checks.cpu_args(
+        "Nf4Args", w=w.view(-1), data=data.view(-1), absmax=absmax, midpoints=ref.NF4_MIDPOINTS,
+        blocksize=blocksize, num_threads=_checks.num_threads(),
+    ))
     return data, absmax
 
 
@@ -188,11 +188,15 @@ def _dequantize_reference(data, absmax, blocksize, shape, dtype):
 @_dequantize.register("cpu")
 def _dequantize_cpu(data, absmax, blocksize, shape, dtype):
     out = torch.empty(shape, dtype=dtype, device=data.device)
-    cpu_module().nf4_dequantize(
-        data.data_ptr(), absmax.data_ptr(), out.numel(), blocksize, ref.NF4_CODE.data_ptr(),
-        out.data_ptr(), _checks.DTYPE_CODES[dtype], _checks.num_threads(),
-    )
+    _dequantize_cpu_into(data, absmax, blocksize, out)
     return out
+
+
+def _dequantize_cpu_into(data, absmax, blocksize, out):
+    cpu_module().nf4_dequantize(_checks.cpu_args(
+        "Nf4Args", data=data.view(-1), absmax=absmax, code=ref.NF4_CODE, blocksize=blocksize,
+        out=out.view(-1), num_threads=_checks.num_threads(),
+    ))
 
 
 @_dequantize.register("triton")
@@ -301,7 +305,7 @@ _matmul = Dispatcher("nf4_matmul")
 # rows of x, in registers); above it, the tiled path decodes one tile of rows of W at a time and
 # multiplies it with torch's GEMM.
 CPU_GEMV_MAX_ROWS = 16
-CPU_TILE_BYTES = 1 << 20  # size of one decoded tile of W on the tiled path
+CPU_TILE_BYTES = 8 << 20  # size of one decoded tile of W on the tiled path (smaller tiles starve the GEMM)
 
 
 @_matmul.register("reference")
@@ -322,22 +326,27 @@ def _matmul_cpu(x, data, absmax, blocksize, shape, bias):
     m = x2.shape[0]
     if m <= CPU_GEMV_MAX_ROWS:
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+        if m == 0:
+            return out.view(*x.shape[:-1], n_out)
         bias32 = None if bias is None else bias.float().contiguous()
-        cpu_module().nf4_gemv(
-            x2.data_ptr(), _checks.DTYPE_CODES[x.dtype], m, k, x2.stride(0), data.data_ptr(), absmax.data_ptr(),
-            blocksize, n_out, ref.NF4_CODE.data_ptr(), 0 if bias32 is None else bias32.data_ptr(),
-            out.data_ptr(), _checks.DTYPE_CODES[x.dtype], _checks.num_threads(),
-        )
+        cpu_module().nf4_gemv(_checks.cpu_args(
+            "Nf4Args", x=x2, data=data.view(-1), absmax=absmax, code=ref.NF4_CODE, blocksize=blocksize,
+            bias=bias32, out=out, num_threads=_checks.num_threads(),
+        ))
         return out.view(*x.shape[:-1], n_out)
     return _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias).view(*x.shape[:-1], n_out)
 
 
 def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
-    """Large M: decode a tile of rows of W (bf16 for bf16 x, else fp32) and multiply it, tile by tile.
+    """Large M: decode a tile of rows of W and multiply it, tile by tile.
 
-    Extra memory is one decoded tile plus its slice of the output, never the whole weight.
+    Tiles are bf16 for bf16 x on CPUs with native bf16 dot products (avx512_bf16), else float32:
+    without them torch's bf16 GEMM is several times slower than its float32 one, so bf16 x is
+    widened once and the output narrowed at the end. Extra memory is one decoded tile plus its
+    slice of the output, never the whole weight.
     """
-    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+    native_bf16 = cpu_module().active_isa() == "avx512_bf16"
+    compute = torch.bfloat16 if x2.dtype == torch.bfloat16 and native_bf16 else torch.float32
     xc = x2.to(compute)
     # Tiles start at a multiple of `align` rows, so each tile starts at a block boundary.
     align = blocksize // math.gcd(k, blocksize)
@@ -348,10 +357,8 @@ def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
     for n0 in range(0, n_out, rows):
         n1 = min(n_out, n0 + rows)
         w = tile[: n1 - n0]
-        cpu_module().nf4_dequantize(
-            flat_data[n0 * k // 2 :].data_ptr(), absmax[n0 * k // blocksize :].data_ptr(), w.numel(), blocksize,
-            ref.NF4_CODE.data_ptr(), w.data_ptr(), _checks.DTYPE_CODES[compute], _checks.num_threads(),
-        )
+        _dequantize_cpu_into(flat_data[n0 * k // 2 : n1 * k // 2], absmax[n0 * k // blocksize : -(-n1 * k // blocksize)],
+                             blocksize, w)
         out[:, n0:n1] = xc @ w.T
     if bias is not None:
         out += bias.to(out.dtype)

@@ -65,11 +65,10 @@ def _run_cpu(logits, temperature, top_k, top_p, seed, tokens: bool, filtered: bo
     tok = torch.empty(B, dtype=torch.int64) if tokens else None
     out = torch.empty(B, V, dtype=torch.float32) if filtered else None
     status = torch.empty(B, dtype=torch.int32)
-    cpu_module().sampling_run(
-        logits.data_ptr(), _checks.DTYPE_CODES[logits.dtype], B, V, logits.stride(0), temperature.data_ptr(),
-        top_k.data_ptr(), top_p.data_ptr(), seed, 0 if tok is None else tok.data_ptr(),
-        0 if out is None else out.data_ptr(), status.data_ptr(), _checks.num_threads(),
-    )
+    cpu_module().sampling_run(_checks.cpu_args(
+        "SamplingArgs", logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, tokens=tok,
+        filtered=out, status=status, num_threads=_checks.num_threads(),
+    ))
     _raise_on_status(status)
     return tok, out
 

@@ -1,0 +1,51 @@
+// Compiles the kernels of one op once per ISA level. In csrc/cpu/<op>.cpp:
+//
+//   #define FUSEDLM_KERNELS "cpu/<op>_kernels.h"
+//   #include "common/for_each_isa.h"
+//
+// includes that file once inside each of the namespaces fusedlm::cpu::scalar, ::avx2, ::avx512
+// and ::avx512bf16, each time inside the level's target region (see common/vec.h on why: it keeps
+// the copies apart for the linker) and with the level's vector types in scope. The kernels file
+// therefore has no include guard and includes nothing itself: its .cpp includes what it needs
+// first. Off x86-64 only the scalar level is compiled, and the other three names alias it, so a
+// kernel table {scalar::f, avx2::f, avx512::f, avx512bf16::f} (see pick in cpu_features.h) reads
+// the same everywhere.
+#ifndef FUSEDLM_KERNELS
+#error "define FUSEDLM_KERNELS (the kernels file) before including common/for_each_isa.h"
+#endif
+
+#include "common/vec.h"
+
+namespace fusedlm::cpu::scalar {
+using namespace ::fusedlm::simd::scalar;
+#include FUSEDLM_KERNELS
+}  // namespace fusedlm::cpu::scalar
+
+#if FUSEDLM_X86
+FUSEDLM_TARGET_BEGIN(FUSEDLM_TARGET_AVX2)
+namespace fusedlm::cpu::avx2 {
+using namespace ::fusedlm::simd::avx2;
+#include FUSEDLM_KERNELS
+}  // namespace fusedlm::cpu::avx2
+FUSEDLM_TARGET_END
+
+FUSEDLM_TARGET_BEGIN(FUSEDLM_TARGET_AVX512)
+namespace fusedlm::cpu::avx512 {
+using namespace ::fusedlm::simd::avx512;
+#include FUSEDLM_KERNELS
+}  // namespace fusedlm::cpu::avx512
+FUSEDLM_TARGET_END
+
+FUSEDLM_TARGET_BEGIN(FUSEDLM_TARGET_AVX512BF16)
+namespace fusedlm::cpu::avx512bf16 {
+using namespace ::fusedlm::simd::avx512bf16;
+#include FUSEDLM_KERNELS
+}  // namespace fusedlm::cpu::avx512bf16
+FUSEDLM_TARGET_END
+#else
+namespace fusedlm::cpu {
+namespace avx2 = scalar;
+namespace avx512 = scalar;
+namespace avx512bf16 = scalar;
+}  // namespace fusedlm::cpu
+#endif
