@@ -14,8 +14,9 @@ data; the matmuls receive the absmax it stands for (float32, undone once per cal
 
 * ``cpu``: up to :data:`CPU_GEMV_MAX_ROWS` rows of x, a fused GEMV that streams the packed weight
   once per 4 rows of x and decodes nibbles through the block-scaled code table in registers
-  (AVX-512 ``vpermps`` + FMA for float32/float16 x; ``vpermw`` + ``vdpbf16ps`` for bfloat16 x on
-  avx512_bf16, with the table rounded to bfloat16); above that, a tiled path that decodes
+  (a 16-entry ``vpermps`` lookup on AVX-512, two 8-entry ones + blend on AVX2, then FMA, for
+  float32/float16 x; ``vpermw`` + ``vdpbf16ps`` for bfloat16 x on avx512_bf16, with the table
+  rounded to bfloat16; a scalar loop below AVX2); above that, a tiled path that decodes
   :data:`CPU_TILE_BYTES` of W at a time (bf16 for bf16 x, else float32) and multiplies each tile
   with torch's GEMM, so the extra memory is one tile, never the whole weight. Needs K % 32 == 0;
   other K fall back to ``reference`` (with a one-time warning) or raise when cpu is forced.
