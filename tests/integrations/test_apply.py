@@ -45,7 +45,12 @@ def _assert_close(got, want):
 def _assert_grads_close(got: dict, want: dict):
     assert got.keys() == want.keys() and want
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=1e-4, msg=name)
+        # A LoRA gradient is a sum over every token; an element near zero can be the difference of
+        # terms as large as the tensor's largest element, so its float32 rounding (which depends on
+        # the kernel's summation order, per SIMD level) scales with that, not with the element.
+        atol = ATOL + 1e-5 * float(want[name].abs().max())
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_lora_single_adapter(op_calls):
