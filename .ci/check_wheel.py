@@ -3,8 +3,8 @@
     python .ci/check_wheel.py wheelhouse/fusedlm-*.whl [--cuda]
 
 - the tag is manylinux_* (what auditwheel repair gave), and the version is __version__'s;
-- every .py of python/fusedlm, kernels/ and benchmarks/ is in the wheel (as fusedlm/,
-  fusedlm/kernels/, fusedlm/benchmarks/), with fusedlm._C (and fusedlm._cuda with --cuda);
+- every .py of python/fusedlm (the Triton kernels and benchmark suites included) is in the wheel,
+  with fusedlm._C (and fusedlm._cuda with --cuda);
 - no extension module needs libtorch / libc10 / libpython / a shared CUDA runtime / an OpenMP
   runtime (DESIGN.md rules 1 and 5), nor leaves a torch C++ symbol undefined.
 Prints one summary line per module; exits 1 with the reasons when a check fails.
@@ -25,8 +25,6 @@ TORCH_SYMBOL = re.compile(r"\b(c10|at|torch|caffe2)::")
 
 def expected_members() -> set[str]:
     out = {f"fusedlm/{p.relative_to(ROOT / 'python/fusedlm')}" for p in (ROOT / "python/fusedlm").rglob("*.py")}
-    for src, dest in (("kernels", "fusedlm/kernels"), ("benchmarks", "fusedlm/benchmarks")):
-        out |= {f"{dest}/{p.relative_to(ROOT / src)}" for p in (ROOT / src).rglob("*.py")}
     return {m for m in out if "__pycache__" not in m}
 
 

@@ -1,4 +1,4 @@
-// The one vector abstraction of the CPU kernels (DESIGN.md rule 6, STYLE.md "SIMD written once").
+// The one vector abstraction of the CPU kernels (DESIGN.md rule 6 and "How the code should read").
 //
 // A kernel is written once over the types below, and common/for_each_isa.h compiles it once per
 // ISA level. Intrinsics appear only in the per-ISA headers, each defining the same names in its
