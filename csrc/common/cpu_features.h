@@ -19,7 +19,7 @@
 
 namespace fusedlm {
 
-// Levels in increasing order; a kernel table (see pick) has one entry per level.
+// Levels in increasing order; a kernel table (see pick, common/for_each_isa.h) has one entry per level.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 constexpr int kIsaLevels = 4;
 
@@ -63,9 +63,9 @@ inline Isa active_isa() {
   return static_cast<Isa>(detected < limit ? detected : limit);
 }
 
-// The entry of a per-level kernel table {scalar, avx2, avx512, avx512bf16} for the active level.
-template <class Fn>
-Fn pick(const Fn (&table)[kIsaLevels]) {
+// The entry of a per-level table (one entry per Isa, lowest first) for the active level.
+template <class T>
+const T& pick(const T (&table)[kIsaLevels]) {
   return table[static_cast<int>(active_isa())];
 }
 

@@ -1,19 +1,30 @@
-// Compiles the kernels of one op once per ISA level. In csrc/cpu/<op>.cpp:
+// Compiles the kernels of one op once per ISA level and picks the level's kernels at run time.
+// In csrc/cpu/<op>.cpp:
 //
+//   namespace fusedlm::cpu { namespace {
+//   struct Kernels { void (*forward)(const FooArgs&); ... };  // the op's entry kernels
+//   }}
 //   #define FUSEDLM_KERNELS "cpu/<op>_kernels.h"
 //   #include "common/for_each_isa.h"
+//   ...
+//   active_kernels().forward(args);
 //
-// includes that file once inside each of the namespaces fusedlm::cpu::scalar, ::avx2, ::avx512
-// and ::avx512bf16, each time inside the level's target region (see common/vec.h on why: it keeps
-// the copies apart for the linker) and with the level's vector types in scope. The kernels file
-// therefore has no include guard and includes nothing itself: its .cpp includes what it needs
-// first. Off x86-64 only the scalar level is compiled, and the other three names alias it, so a
-// kernel table {scalar::f, avx2::f, avx512::f, avx512bf16::f} (see pick in cpu_features.h) reads
-// the same everywhere.
+// This file includes the kernels file once inside each of the namespaces fusedlm::cpu::scalar,
+// ::avx2, ::avx512 and ::avx512bf16, each time inside the level's target region (see common/vec.h
+// on why: it keeps the copies apart for the linker) and with the level's vector types in scope.
+// The kernels file therefore has no include guard and includes nothing itself: its .cpp includes
+// what it needs first. Its last line names the level's entry kernels,
+//
+//   constexpr Kernels kernels{forward, ...};
+//
+// and the table below holds one such row per level, in the order of Isa (common/cpu_features.h):
+// the only place the four levels are spelled. Off x86-64 only the scalar level is compiled, and
+// the other three names alias it, so the table reads the same everywhere.
 #ifndef FUSEDLM_KERNELS
 #error "define FUSEDLM_KERNELS (the kernels file) before including common/for_each_isa.h"
 #endif
 
+#include "common/cpu_features.h"
 #include "common/vec.h"
 
 namespace fusedlm::cpu::scalar {
@@ -49,3 +60,14 @@ namespace avx512 = scalar;
 namespace avx512bf16 = scalar;
 }  // namespace fusedlm::cpu
 #endif
+
+namespace fusedlm::cpu {
+namespace {
+
+constexpr Kernels kIsaKernels[kIsaLevels] = {scalar::kernels, avx2::kernels, avx512::kernels, avx512bf16::kernels};
+
+// The entry kernels of the level active now (detected, capped by set_max_isa).
+inline const Kernels& active_kernels() { return pick(kIsaKernels); }
+
+}  // namespace
+}  // namespace fusedlm::cpu

@@ -1,6 +1,6 @@
 // A tensor as the kernels see it: address, element type, sizes and strides (in elements). Python
 // builds one per tensor argument (fusedlm/ops/_checks.py: view) and fills an args struct per op
-// with them by field name (cpu/ops.h), so no kernel takes a long positional list. The entry
+// with them by field name (common/args.h), so no kernel takes a long positional list. The entry
 // points check their views once with the helpers below before any kernel reads a pointer.
 #pragma once
 #include <cstdint>

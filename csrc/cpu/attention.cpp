@@ -2,7 +2,7 @@
 // (python/fusedlm/reference/attention.py), which defines the masks, the dropout recipe and the
 // edge cases. The kernels (flash-style tiles with an online softmax, a decode path for few
 // queries, the backward) are in attention_kernels.h, compiled once per ISA level; this file holds
-// what they share (the problem, the mask's row limits) and checks the arguments.
+// what they share (the problem, the mask's row limits) and the entry points.
 #include "cpu/ops.h"
 
 #include <algorithm>
@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
 #include "common/threading.h"
@@ -45,7 +46,7 @@ struct Problem {
   const int64_t* sq;  // element strides of q over [B, H, N, D]; stride along D is 1
   const int64_t* sk;
   const int64_t* sv;
-  int mode;                   // 0 causal, 1 prefix, 2 bidirectional
+  int mask_mode;              // 0 causal, 1 prefix, 2 bidirectional
   const int64_t* prefix_len;  // [B] (prefix mode)
   const uint8_t* pad;         // [B, Nk] bool, or null
   const float* bias;          // [B, Hq, Nq, Nk] view with strides sb, or null
@@ -61,8 +62,8 @@ struct Problem {
   // last row's limit, and visible to every row when the first row's limit is past its last key.
   int64_t row_limit(int64_t b, int64_t i) const {
     const int64_t causal = std::clamp<int64_t>(i + (Nk - Nq) + 1, 0, Nk);
-    if (mode == 0) return causal;
-    if (mode == 1) return std::max(prefix_len[b], causal);
+    if (mask_mode == 0) return causal;
+    if (mask_mode == 1) return std::max(prefix_len[b], causal);
     return Nk;
   }
 
@@ -76,11 +77,11 @@ Problem problem_of(const AttentionArgs& a) {
   Problem p{a.q.data, a.k.data, a.v.data, a.q.dtype, a.q.size(0), a.q.size(1), a.k.size(1), a.q.size(2), a.k.size(2),
             a.q.size(3), a.q.strides, a.k.strides, a.v.strides, a.mask_mode, a.prefix_len.ptr<const int64_t>(),
             a.key_padding_mask.ptr<const uint8_t>(), a.bias.ptr<const float>(), a.bias.strides, a.scale, {}};
-  if (a.dropout_threshold > 0) {
-    p.dropout.threshold = a.dropout_threshold;
-    p.dropout.k0 = static_cast<uint32_t>(a.dropout_seed);
-    p.dropout.k1 = static_cast<uint32_t>(a.dropout_seed >> 32);
-    p.dropout.scale = a.dropout_scale;
+  if (a.dropout_p > 0.0) {  // reference: dropout_threshold (exact: p times a power of two)
+    p.dropout.threshold = static_cast<int64_t>(std::ceil(a.dropout_p * 16777216.0));
+    p.dropout.k0 = static_cast<uint32_t>(a.seed);
+    p.dropout.k1 = static_cast<uint32_t>(a.seed >> 32);
+    p.dropout.scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
   }
   return p;
 }
@@ -99,53 +100,28 @@ inline std::atomic<uint64_t> forward_calls{0};  // tells a thread's packed K / V
 
 }  // namespace fusedlm::cpu::attn
 
+namespace fusedlm::cpu {
+namespace {
+struct Kernels {  // the entry kernels of one ISA level (the last line of attention_kernels.h)
+  void (*forward)(const attn::Problem&, const AttentionArgs&);
+  void (*backward)(const attn::Problem&, const AttentionArgs&);
+};
+}  // namespace
+}  // namespace fusedlm::cpu
+
 #define FUSEDLM_KERNELS "cpu/attention_kernels.h"
 #include "common/for_each_isa.h"
 
 namespace fusedlm::cpu {
 
-namespace {
-
-using attn::Problem;
-
-void check(const AttentionArgs& a, bool backward) {
-  check_view(a.q, "q", {DType::F32, DType::BF16}, {-1, -1, -1, -1});
-  const int64_t B = a.q.size(0), Hq = a.q.size(1), Nq = a.q.size(2), D = a.q.size(3);
-  check_view(a.k, "k", {a.q.dtype}, {B, -1, -1, D});
-  const int64_t Hkv = a.k.size(1), Nk = a.k.size(2);
-  check_view(a.v, "v", {a.q.dtype}, {B, Hkv, Nk, D});
-  require(Hkv > 0 && Hq % Hkv == 0, "the query heads must be a multiple of the key/value heads");
-  require(a.q.stride(3) == 1 && a.k.stride(3) == 1 && a.v.stride(3) == 1, "q, k and v need unit stride along D");
-  require(a.mask_mode >= 0 && a.mask_mode <= 2, "mask_mode must be 0, 1 or 2");
-  if (a.mask_mode == 1) check_contiguous(a.prefix_len, "prefix_len", {DType::I64}, {B});
-  if (a.key_padding_mask) check_contiguous(a.key_padding_mask, "key_padding_mask", {DType::U8}, {B, Nk});
-  if (a.bias) check_view(a.bias, "bias", {DType::F32}, {B, Hq, Nq, Nk});
-  require(a.dropout_threshold >= 0 && a.dropout_threshold <= (int64_t{1} << 24), "dropout_threshold must be in [0, 2^24]");
-  check_contiguous(a.lse, "lse", {DType::F32}, {B, Hq, Nq});
-  check_contiguous(a.out, "out", {a.q.dtype}, {B, Hq, Nq, D});
-  if (!backward) return;
-  check_contiguous(a.grad_out, "grad_out", {a.q.dtype}, {B, Hq, Nq, D});
-  check_contiguous(a.dq, "dq", {DType::F32}, {-1, B, Hq, Nq, attn::round_up(D, 16)});
-  check_contiguous(a.dk, "dk", {DType::F32}, {B, Hkv, Nk, D});
-  check_contiguous(a.dv, "dv", {DType::F32}, {B, Hkv, Nk, D});
-  if (a.dbias) check_contiguous(a.dbias, "dbias", {DType::F32}, {B, Hq, Nq, Nk});
-}
-
-using Kernel = void (*)(const Problem&, const AttentionArgs&);
-
-}  // namespace
-
 void attention_forward(const AttentionArgs& a) {
-  check(a, false);
-  static constexpr Kernel kForward[kIsaLevels] = {scalar::forward, avx2::forward, avx512::forward, avx512bf16::forward};
-  pick(kForward)(attn::problem_of(a), a);
+  check_attention(a, false);
+  active_kernels().forward(attn::problem_of(a), a);
 }
 
 void attention_backward(const AttentionArgs& a) {
-  check(a, true);
-  static constexpr Kernel kBackward[kIsaLevels] = {scalar::backward, avx2::backward, avx512::backward,
-                                                   avx512bf16::backward};
-  pick(kBackward)(attn::problem_of(a), a);
+  check_attention(a, true);
+  active_kernels().backward(attn::problem_of(a), a);
 }
 
 }  // namespace fusedlm::cpu

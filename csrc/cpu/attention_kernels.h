@@ -742,3 +742,6 @@ void backward(const Problem& p, const AttentionArgs& a) {
                        scratch);
   });
 }
+
+// This level's entry kernels, one row of the table in common/for_each_isa.h.
+constexpr Kernels kernels{forward, backward};

@@ -164,3 +164,6 @@ void forward(const LoraArgs& p) {
     default: return forward_x<DType::F32>(p);
   }
 }
+
+// This level's entry kernels, one row of the table in common/for_each_isa.h.
+constexpr Kernels kernels{forward};

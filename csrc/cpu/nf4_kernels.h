@@ -246,3 +246,6 @@ void gemv(const Nf4Args& a) {
     }
   });
 }
+
+// This level's entry kernels, one row of the table in common/for_each_isa.h.
+constexpr Kernels kernels{quantize, dequantize, gemv};

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
 #include "common/threading.h"
@@ -111,6 +112,10 @@ struct TopK {
   }
 };
 
+struct Kernels {  // the entry kernels of one ISA level (the last line of sampling_kernels.h)
+  void (*run)(const SamplingArgs&);
+};
+
 struct RowParams {
   float temperature;
   int64_t top_k;
@@ -136,19 +141,8 @@ struct Scratch {
 namespace fusedlm::cpu {
 
 void sampling_run(const SamplingArgs& a) {
-  check_view(a.logits, "logits", kFloatTypes, {-1, -1});
-  const int64_t B = a.logits.size(0), V = a.logits.size(1);
-  require(a.logits.stride(1) == 1 || V == 1, "logits must have unit stride along the vocabulary");
-  require(V < (int64_t{1} << 31), "the vocabulary must have fewer than 2^31 entries");
-  check_contiguous(a.temperature, "temperature", {DType::F32}, {B});
-  check_contiguous(a.top_k, "top_k", {DType::I64}, {B});
-  check_contiguous(a.top_p, "top_p", {DType::F64}, {B});
-  check_contiguous(a.status, "status", {DType::I32}, {B});
-  if (a.tokens) check_contiguous(a.tokens, "tokens", {DType::I64}, {B});
-  if (a.filtered) check_contiguous(a.filtered, "filtered", {DType::F32}, {B, V});
-  using Kernel = void (*)(const SamplingArgs&);
-  static constexpr Kernel kRun[kIsaLevels] = {scalar::run, avx2::run, avx512::run, avx512bf16::run};
-  pick(kRun)(a);
+  check_sampling(a);
+  active_kernels().run(a);
 }
 
 }  // namespace fusedlm::cpu

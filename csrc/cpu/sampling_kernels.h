@@ -323,3 +323,6 @@ void run(const SamplingArgs& a) {
     a.status.ptr<int32_t>()[row] = status;
   });
 }
+
+// This level's entry kernels, one row of the table in common/for_each_isa.h.
+constexpr Kernels kernels{run};

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/checks.h"
 #include "cuda/dtype.cuh"
 #include "cuda/ops.h"
 
@@ -121,46 +122,54 @@ __global__ void gemv_kernel(const T* x, int64_t K, int64_t stride_xm, const uint
 
 }  // namespace
 
-int nf4_quantize(const void* w, DType dtype, int64_t n, int64_t blocksize, const float* midpoints,
-                 uint8_t* data, float* absmax, std::uintptr_t stream) {
-  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+int nf4_quantize(const Nf4Args& a) {
+  check_nf4_quantize(a);
+  const int64_t n = a.w.numel(), blocksize = a.blocksize, n_blocks = (n + blocksize - 1) / blocksize;
   if (n_blocks == 0) return 0;
   const int threads = blocksize >= 512 ? 256 : 64;  // a multiple of 32, at most 1024
-  quantize_kernel<<<static_cast<unsigned>(n_blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      w, dtype, n, blocksize, midpoints, data, absmax);
+  quantize_kernel<<<static_cast<unsigned>(n_blocks), threads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
+      a.w.data, a.w.dtype, n, blocksize, a.midpoints.ptr<const float>(), a.data.ptr<uint8_t>(), a.absmax.ptr<float>());
   return static_cast<int>(cudaGetLastError());
 }
 
-int nf4_dequantize(const uint8_t* data, const float* absmax, int64_t n, int64_t blocksize,
-                   const float* code, void* out, DType dtype, std::uintptr_t stream) {
-  const int64_t pairs = (n + 1) / 2;
+int nf4_dequantize(const Nf4Args& a) {
+  check_nf4_dequantize(a);
+  const int64_t n = a.out.numel(), pairs = (n + 1) / 2;
   if (pairs == 0) return 0;
   const int threads = 256;
   dequantize_kernel<<<static_cast<unsigned>((pairs + threads - 1) / threads), threads, 0,
-                      reinterpret_cast<cudaStream_t>(stream)>>>(data, absmax, n, blocksize, code, out, dtype);
+                      reinterpret_cast<cudaStream_t>(a.stream)>>>(a.data.ptr<const uint8_t>(), a.absmax.ptr<const float>(),
+                                                                  n, a.blocksize, a.code.ptr<const float>(), a.out.data,
+                                                                  a.out.dtype);
   return static_cast<int>(cudaGetLastError());
 }
 
-int nf4_gemv(const void* x, DType x_dtype, int64_t M, int64_t K, int64_t stride_xm, const uint8_t* data,
-             const float* absmax, int64_t blocksize, int64_t N, const float* code, const float* bias, void* out,
-             std::uintptr_t stream) {
+int nf4_gemv(const Nf4Args& a) {
+  check_nf4_gemv(a);
+  const int64_t M = a.x.size(0), K = a.x.size(1), N = a.out.size(1), stride_xm = a.x.stride(0);
   if (M == 0 || N == 0) return 0;
   const int warps = 8;
   const dim3 grid(static_cast<unsigned>((N + warps - 1) / warps), static_cast<unsigned>(M));
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (x_dtype) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(a.stream);
+  const uint8_t* data = a.data.ptr<const uint8_t>();
+  const float* absmax = a.absmax.ptr<const float>();
+  const float* code = a.code.ptr<const float>();
+  const float* bias = a.bias.ptr<const float>();
+  switch (a.x.dtype) {
     case DType::F32:
-      gemv_kernel<float><<<grid, 32 * warps, 0, s>>>(static_cast<const float*>(x), K, stride_xm, data, absmax,
-                                                      blocksize, N, code, bias, static_cast<float*>(out));
+      gemv_kernel<float><<<grid, 32 * warps, 0, s>>>(a.x.ptr<const float>(), K, stride_xm, data, absmax, a.blocksize,
+                                                      N, code, bias, a.out.ptr<float>());
       break;
     case DType::BF16:
-      gemv_kernel<__nv_bfloat16><<<grid, 32 * warps, 0, s>>>(static_cast<const __nv_bfloat16*>(x), K, stride_xm, data,
-                                                              absmax, blocksize, N, code, bias,
-                                                              static_cast<__nv_bfloat16*>(out));
+      gemv_kernel<__nv_bfloat16><<<grid, 32 * warps, 0, s>>>(a.x.ptr<const __nv_bfloat16>(), K, stride_xm, data,
+                                                              absmax, a.blocksize, N, code, bias,
+                                                              a.out.ptr<__nv_bfloat16>());
       break;
     case DType::F16:
-      gemv_kernel<__half><<<grid, 32 * warps, 0, s>>>(static_cast<const __half*>(x), K, stride_xm, data, absmax,
-                                                       blocksize, N, code, bias, static_cast<__half*>(out));
+      gemv_kernel<__half><<<grid, 32 * warps, 0, s>>>(a.x.ptr<const __half>(), K, stride_xm, data, absmax, a.blocksize,
+                                                       N, code, bias, a.out.ptr<__half>());
+      break;
+    default:
       break;
   }
   return static_cast<int>(cudaGetLastError());

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/checks.h"
 #include "cuda/dtype.cuh"
 #include "cuda/ops.h"
 
@@ -246,12 +247,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const void* logits, DT
 
 }  // namespace
 
-int sampling_run(const void* logits, DType dtype, int64_t B, int64_t V, int64_t stride_row, const float* temperature,
-                 const int64_t* top_k, const double* top_p, uint64_t seed, int64_t* tokens, float* filtered,
-                 int32_t* status, std::uintptr_t stream) {
+int sampling_run(const SamplingArgs& a) {
+  check_sampling(a);
+  const int64_t B = a.logits.size(0);
   if (B == 0) return 0;
-  sample_kernel<<<static_cast<unsigned>(B), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      logits, dtype, V, stride_row, temperature, top_k, top_p, seed, tokens, filtered, status);
+  sample_kernel<<<static_cast<unsigned>(B), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
+      a.logits.data, a.logits.dtype, a.logits.size(1), a.logits.stride(0), a.temperature.ptr<const float>(),
+      a.top_k.ptr<const int64_t>(), a.top_p.ptr<const double>(), a.seed, a.tokens.ptr<int64_t>(),
+      a.filtered.ptr<float>(), a.status.ptr<int32_t>());
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -37,7 +37,8 @@ def test_matches_reference(temperature, top_k, top_p, vocab, dtype):
     for backend in _backends():
         with ops.use_backend(backend):
             out = ops.filter_logits(x, temperature=temperature, top_k=top_k, top_p=top_p)
-            drawn = sampling_ops._sample_op(x, *sampling_ops._params(x, temperature, top_k, top_p), 4242, backend)
+            inputs = sampling_ops.SamplingInputs(x, *sampling_ops._params(x, temperature, top_k, top_p), 4242)
+            drawn = sampling_ops._sample_op(inputs, backend)
         assert torch.equal(out.cpu(), expected), backend
         # float32 exp on the GPU vs float64 in the reference: a draw may differ only when its
         # uniform falls within rounding of a boundary

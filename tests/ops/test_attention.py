@@ -193,12 +193,17 @@ def test_auto_choice_uses_cpu_and_float16_falls_back_with_a_warning():
 
 # ---- torch.library wiring -------------------------------------------------------------------
 
-def _op_args(backend, dtype=torch.float32, bias=True, mode=ref.PREFIX):
+def _op_inputs(dtype=torch.float32, bias=True, mode=ref.PREFIX):
     q, k, v = (t.requires_grad_(True) for t in _inputs(2, 4, 2, 9, 70, 16, dtype=dtype))
     prefix = torch.tensor([3, 70]) if mode == ref.PREFIX else None
     pad = torch.rand(2, 70, generator=torch.Generator().manual_seed(0)) > 0.2
     b = torch.randn(1, 4, 9, 70, dtype=dtype, requires_grad=True) if bias else None
-    return (q, k, v, mode, prefix, pad, b, 0.25, 0.0, None, backend)
+    return attention_module.AttentionInputs(q, k, v, mode, prefix, pad, b, 0.25, 0.0, None)
+
+
+def _opcheck(inputs, backend):
+    """torch.library.opcheck of fusedlm::attention, called with the schema's arguments: the record's fields, the backend."""
+    torch.library.opcheck(attention_module._attention_op.custom_op, (*inputs, backend))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -206,8 +211,8 @@ def _op_args(backend, dtype=torch.float32, bias=True, mode=ref.PREFIX):
 def test_opcheck(backend, mode):
     if backend not in ops.available_backends():
         pytest.skip(f"{backend} not available")
-    torch.library.opcheck(attention_module._attention_op, _op_args(backend, mode=mode))
-    torch.library.opcheck(attention_module._attention_op, _op_args(backend, bias=False, mode=mode))
+    _opcheck(_op_inputs(mode=mode), backend)
+    _opcheck(_op_inputs(bias=False, mode=mode), backend)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -332,8 +337,7 @@ def test_triton_opcheck():
     q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 5, 9, 16))
     bias = torch.randn(1, 2, 5, 9, requires_grad=True)
     pad = torch.tensor([[True] * 8 + [False]])
-    torch.library.opcheck(attention_module._attention_op, (q, k, v, ref.PREFIX, torch.tensor([3]), pad, bias, 0.25, 0.0, None,
-                                                                  "triton"))
+    _opcheck(attention_module.AttentionInputs(q, k, v, ref.PREFIX, torch.tensor([3]), pad, bias, 0.25, 0.0, None), "triton")
 
 
 # ---- cpu decode path: Nq * (Hq / Hkv) <= 16 rows per key/value head, K/V streamed, split-K ----
@@ -358,7 +362,8 @@ def test_cpu_decode_matches_reference(cpu_isa, case, dtype):
 def _cpu_out_lse(q, k, v, mode=ref.CAUSAL, prefix_len=None, pad=None, bias=None, scale=None, dropout_p=0.0, seed=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seed = None if seed is None else torch.tensor(seed)
-    return attention_module._attention_op(q, k, v, mode, prefix_len, pad, bias, scale, dropout_p, seed, "cpu")
+    inputs = attention_module.AttentionInputs(q, k, v, mode, prefix_len, pad, bias, scale, dropout_p, seed)
+    return attention_module._attention_op(inputs, "cpu")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -536,12 +541,10 @@ def test_dropout_falls_back_from_triton(monkeypatch):
 
 
 def test_dropout_opcheck():
-    args = list(_op_args("reference"))
-    args[8], args[9] = 0.3, torch.tensor(123456789012345)  # dropout_p, seed
-    torch.library.opcheck(attention_module._attention_op, tuple(args))
+    _opcheck(_op_inputs()._replace(dropout_p=0.3, seed=torch.tensor(123456789012345)), "reference")
 
 
-def test_compile_fullgraph_with_and_without_dropout(monkeypatch):
+def test_compile_fullgraph_with_and_without_dropout(monkeypatch, fresh_inductor_cache):
     # v = one-hot keys makes out = P * Z, so the backward's mask can be checked against the
     # forward's: dv = (P * Z)^T grad_out (the seed is drawn inside the graph, generator=None).
     monkeypatch.setattr(_backends, "_warned", set())

@@ -183,11 +183,12 @@ def test_opcheck(backend, n_adapters):
     a = (case["lora_a"] if n_adapters else case["lora_a"][None]).requires_grad_()
     b = (case["lora_b"] if n_adapters else case["lora_b"][None]).requires_grad_()
     gates = torch.ones(n_adapters or 1, requires_grad=True)
-    args = (x, w, None, a, b, 0.5, case["bias"], case["adapter_ids"], gates, 0.0, 0, backend)
-    torch.library.opcheck(lora_ops._lora_linear_op, args)
-    torch.library.opcheck(lora_ops._lora_linear_op, (*args[:9], 0.2, 123, backend))
+    inputs = lora_ops.LoraInputs(x, w, None, a, b, 0.5, case["bias"], case["adapter_ids"], gates, 0.0, None)
     base = (x @ w.T).detach().requires_grad_()
-    torch.library.opcheck(lora_ops._lora_linear_op, (x, None, base, a, b, 0.5, None, case["adapter_ids"], gates, 0.0, 0, backend))
+    for checked in (inputs, inputs._replace(dropout_p=0.2, seed=torch.tensor(123)),
+                    inputs._replace(weight=None, base=base, bias=None)):
+        # the schema's arguments: the record's fields, then the backend
+        torch.library.opcheck(lora_ops._lora_linear_op.custom_op, (*checked, backend))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_single_adapter_gates_must_have_one_entry():
         _call(ops.lora_linear, dict(case, adapter_ids=torch.tensor([0, 1, 0, 0])))
 
 
-def test_torch_compile_forward_and_backward():
+def test_torch_compile_forward_and_backward(fresh_inductor_cache):
     case = _case(8, 32, 16, 4, n_adapters=2)
     a = case["lora_a"].clone().requires_grad_()
     compiled = torch.compile(lambda x, a: ops.lora_linear(x, case["weight"], a, case["lora_b"], 0.5,

@@ -213,15 +213,18 @@ def test_matmul_gradcheck():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck(backend):
+    def opcheck(op, inputs):  # called with the schema's arguments: the record's fields, then the backend
+        torch.library.opcheck(op.custom_op, (*inputs, backend))
+
     w = torch.randn(16, 64)
-    torch.library.opcheck(nf4_ops._nf4_quantize_op, (w, 64, backend))
+    opcheck(nf4_ops._nf4_quantize_op, nf4_ops.Nf4QuantizeInputs(w, 64))
     data, absmax = ref.quantize(w, 64)
-    torch.library.opcheck(nf4_ops._nf4_dequantize_op, (data, absmax, 64, [16, 64], torch.bfloat16, backend))
+    opcheck(nf4_ops._nf4_dequantize_op, nf4_ops.Nf4DequantizeInputs(data, absmax, 64, [16, 64], torch.bfloat16))
     for m in (2, 20):  # GEMV and tiled paths
         x = torch.randn(m, 64, requires_grad=True)
         bias = torch.randn(16, requires_grad=True)
-        torch.library.opcheck(nf4_ops._nf4_matmul_op, (x, data, absmax, 64, [16, 64], bias, backend))
-        torch.library.opcheck(nf4_ops._nf4_matmul_op, (x, data, absmax, 64, [16, 64], None, backend))
+        opcheck(nf4_ops._nf4_matmul_op, nf4_ops.Nf4MatmulInputs(x, data, absmax, 64, [16, 64], bias))
+        opcheck(nf4_ops._nf4_matmul_op, nf4_ops.Nf4MatmulInputs(x, data, absmax, 64, [16, 64], None))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def test_matches_reference(on_backend, backend, temperature, top_k, top_p, vocab
     tokens = ref.sample_with_seed(logits, 4242, temperature, top_k, top_p)
     with on_backend(backend) as name:
         out = ops.filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        drawn = sampling_ops._sample_op(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 4242, name)
+        inputs = sampling_ops.SamplingInputs(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 4242)
+        drawn = sampling_ops._sample_op(inputs, name)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     assert drawn.dtype == torch.int64 and torch.equal(drawn, tokens)
 
@@ -56,7 +57,7 @@ def test_triton_several_chunks_per_row(monkeypatch, temperature, top_k, top_p):
     t, k, p = sampling_ops._params(logits, temperature, top_k, top_p)
     with ops.use_backend("triton"):
         out = ops.filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        drawn = sampling_ops._sample_op(logits, t, k, p, 99, "triton")
+        drawn = sampling_ops._sample_op(sampling_ops.SamplingInputs(logits, t, k, p, 99), "triton")
     assert torch.equal(out, ref.filter_logits(logits, temperature, top_k, top_p))
     assert torch.equal(drawn, ref.sample_with_seed(logits, 99, temperature, top_k, top_p))
 
@@ -75,7 +76,8 @@ def test_cpu_large_vocab_paths_match_reference(cpu_isa, temperature, top_k, top_
     logits, expected, tokens = _large_vocab_case(vocab, temperature, top_k, top_p)
     with ops.use_backend("cpu"):
         out = ops.filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        drawn = sampling_ops._sample_op(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 77, "cpu")
+        inputs = sampling_ops.SamplingInputs(logits, *sampling_ops._params(logits, temperature, top_k, top_p), 77)
+        drawn = sampling_ops._sample_op(inputs, "cpu")
     assert torch.equal(out, expected)
     assert torch.equal(drawn, tokens)
 
@@ -213,6 +215,7 @@ def test_empty_batch():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     logits = quantised_logits(4, 33, seed=9)
-    t, k, p = sampling_ops._params(logits, 0.8, 5, 0.9)
-    torch.library.opcheck(torch.ops.fusedlm.sample.default, (logits, t, k, p, 17, backend))
-    torch.library.opcheck(torch.ops.fusedlm.filter_logits.default, (logits, t, k, p, backend))
+    inputs = sampling_ops.SamplingInputs(logits, *sampling_ops._params(logits, 0.8, 5, 0.9), 17)
+    # the schema's arguments: the record's fields, then the backend
+    torch.library.opcheck(torch.ops.fusedlm.sample.default, (*inputs, backend))
+    torch.library.opcheck(torch.ops.fusedlm.filter_logits.default, (*inputs._replace(seed=0), backend))

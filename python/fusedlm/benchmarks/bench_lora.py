@@ -10,7 +10,7 @@ Quick set (fp32, K = N = 4096, r = 16, M = 512):
   * mixed batch, 8 adapters (rows round-robin, one in 9 without an adapter): forward vs peft's
     ``adapter_names`` path, at M=512 and decode-shaped (M=8 rows, each its own adapter).
 ``--full``: M in {1, 16, 512, 2048} x r in {8, 16, 64}, forward and forward + backward, mixed batches of
-4 and 8 adapters, and the cpu backend's two orders (``CPU_BASE_FIRST``).
+4 and 8 adapters.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from fusedlm import ops
-from fusedlm.ops import lora as lora_ops
 
 from ._harness import Row, timeit
 
@@ -88,7 +87,7 @@ def _fwd_bwd(fn, leaves):
     return run
 
 
-def _single(m: int, r: int, backward: bool, orders: bool) -> list[Row]:
+def _single(m: int, r: int, backward: bool) -> list[Row]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, K, generator=g)
     w = torch.randn(N, K, generator=g) * K**-0.5
@@ -110,11 +109,6 @@ def _single(m: int, r: int, backward: bool, orders: bool) -> list[Row]:
             t_base = timeit(lambda: F.linear(x, w, b))
             rows.append(Row(SUITE, case, "fusedlm[cpu]", t_fused, {
                 "x_base": t_fused / t_base, "x_base_paired": _paired_ratio(fused, lambda: F.linear(x, w, b))}))
-            if orders:
-                lora_ops.CPU_BASE_FIRST = True
-                t_first = timeit(fused)
-                lora_ops.CPU_BASE_FIRST = False
-                rows.append(Row(SUITE, case, "fusedlm[cpu] base-first", t_first, {"x_base": t_first / t_base}))
             base = lambda: F.linear(x, w, b)  # noqa: E731
             rows.append(Row(SUITE, case, "base matmul alone (F.linear)", t_base))
             if peft_layer is not None:
@@ -171,10 +165,10 @@ def _mixed(m: int, r: int, n_adapters: int, own: bool = False) -> list[Row]:
 
 def run(full: bool) -> list[Row]:
     if not full:
-        return _single(512, 16, False, False) + _single(512, 16, True, False) + _mixed(512, 16, 8) + _mixed(8, 16, 8, own=True)
+        return _single(512, 16, False) + _single(512, 16, True) + _mixed(512, 16, 8) + _mixed(8, 16, 8, own=True)
     rows = []
     for m in (1, 16, 512, 2048):
         for r in (8, 16, 64):
-            rows += _single(m, r, False, True) + _single(m, r, True, False)
+            rows += _single(m, r, False) + _single(m, r, True)
         rows += _mixed(m, 16, 4) + _mixed(m, 16, 8)
     return rows

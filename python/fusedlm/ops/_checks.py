@@ -5,11 +5,12 @@ naming the argument, what was expected and what came, before any pointer reaches
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import torch
 
-from ._backends import cpu_module
+from ._backends import cpu_module, cuda_module
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,6 +67,21 @@ def same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
     return first.dtype
 
 
+def number(name: str, value) -> float:
+    """Checks that `value` is a real number (not bool, not a tensor); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def dropout_p(value) -> float:
+    """Checks a dropout probability: a float in [0, 1); returns it."""
+    value = number("dropout_p", value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {value}")
+    return value
+
+
 def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
     """Checks that `value` is a Python int (not bool) in [low, high]; returns it."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -88,21 +104,51 @@ def finite(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite, but it contains NaN or infinity")
 
 
+def generator(value) -> torch.Generator | None:
+    """Checks that `value` is a torch.Generator or None; returns it."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def dropout_seed(dropout_p: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The dropout seed of one call: an int64 scalar tensor in [0, 2**62) drawn from `generator`
+    (torch's default CPU generator when None), or None without drawing when dropout_p is 0.
+
+    A tensor, not an int, so that ``torch.compile`` draws it inside the graph; the ops pass it
+    to their custom op, and the kernels regenerate their masks from it in forward and backward.
+    """
+    if dropout_p == 0:
+        return None
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2**62, (), generator=generator, device=device)
+
+
+def seed_value(seed: torch.Tensor | None) -> int:
+    """A seed from :func:`dropout_seed` as the Python int the kernels take (0 for None)."""
+    return 0 if seed is None else int(seed)
+
+
 def num_threads() -> int:
     """The thread count the CPU kernels use (DESIGN.md rule 5)."""
     return torch.get_num_threads()
 
 
-def view(t: torch.Tensor):
-    """``fusedlm._C.View`` of `t` (csrc/common/view.h): its address, dtype code, sizes and strides."""
-    return cpu_module().View(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape, t.stride())
-
-
-def cpu_args(kind: str, **fields):
-    """The ``fusedlm._C`` args struct `kind` (csrc/cpu/ops.h) with its fields set by name: tensors as
-    views, other values as they are; None leaves a field absent. A misspelt field raises."""
-    args = getattr(cpu_module(), kind)()
+def launch(entry: str, kind: str, device: torch.device, **fields) -> None:
+    """Runs the compiled entry point `entry` for tensors on `device`: ``fusedlm._C`` on the CPU,
+    ``fusedlm._cuda`` on CUDA (DESIGN.md rule 1). Its args struct `kind` (csrc/common/args.h) gets
+    `fields` by name, tensors as views (their address, dtype code, sizes and strides: csrc/common/view.h),
+    other values as they are, None left absent (a misspelt field raises), and the launch field of
+    the device: the thread count on the CPU, the current stream on CUDA."""
+    module = cuda_module() if device.type == "cuda" else cpu_module()
+    args = getattr(module, kind)()
     for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            value = module.View(value.data_ptr(), DTYPE_CODES[value.dtype], value.shape, value.stride())
         if value is not None:
-            setattr(args, name, view(value) if isinstance(value, torch.Tensor) else value)
-    return args
+            setattr(args, name, value)
+    if device.type == "cuda":
+        args.stream = torch.cuda.current_stream(device).cuda_stream
+    else:
+        args.num_threads = num_threads()
+    getattr(module, entry)(args)

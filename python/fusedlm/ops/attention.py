@@ -8,8 +8,15 @@ Backends: ``reference`` (plain PyTorch), ``cpu`` (``csrc/cpu/attention.cpp``: fl
 and ``triton`` (``kernels/attention.py``). Each returns the output and the per-row log-sum-exp
 (float32, -inf for rows that see no key); the backward recomputes the probabilities from it.
 
-Dropout on the probabilities (``dropout_p > 0``, training): the wrapper draws one seed per call and
-passes it to the op as a tensor; forward and backward regenerate the same keep mask from it with
+Inputs: :func:`attention` checks its arguments and gathers them in one record,
+:class:`AttentionInputs`, which the custom op's schema mirrors field for field (``ops/_records.py``);
+the fake, ``setup_context``, the backward and every backend take it. The cpu backend passes its
+fields by name to the C++ args struct (``csrc/common/args.h``: ``AttentionArgs``), the reference
+backend to :func:`fusedlm.reference.attention.attention_lse` (same names).
+
+Dropout on the probabilities (``dropout_p > 0``, training): the wrapper draws one seed per call
+(:func:`fusedlm.ops._checks.dropout_seed`) and passes it to the op as a tensor; forward and backward
+regenerate the same keep mask from it with
 the counter-based recipe of :func:`fusedlm.reference.attention.dropout_keep`, so nothing of size
 ``Nq x Nk`` is saved. The reference and cpu backends implement it (the cpu kernel draws the same
 Philox words, so the same keep decisions, tile by tile in both passes); triton reports dropout as
@@ -18,16 +25,43 @@ unsupported (a fallback to the reference with a warning, or an error when forced
 from __future__ import annotations
 
 import math
-import numbers
+from typing import NamedTuple
 
 import torch
 
 from ..reference import attention as ref
 from . import _checks
-from ._backends import Dispatcher, cpu_module
+from ._backends import Dispatcher
+from ._records import record_op, save_for_backward, saved
 
 MAX_HEAD_DIM = 256
 _ATTENTION_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+class AttentionInputs(NamedTuple):
+    """The inputs of ``fusedlm::attention``, as :func:`attention` checked them (its schema: these
+    fields, then the backend). The reference's ``attention_lse`` and the cpu kernel's
+    ``AttentionArgs`` (csrc/common/args.h) take them by these names."""
+
+    q: torch.Tensor  # [B, Hq, Nq, D]
+    k: torch.Tensor  # [B, Hkv, Nk, D]
+    v: torch.Tensor  # [B, Hkv, Nk, D]
+    mask_mode: int  # the public `mask` as reference.attention.MASK_MODES codes it: CAUSAL, PREFIX, BIDIRECTIONAL
+    prefix_len: torch.Tensor | None  # int64 [B] (prefix mode only)
+    key_padding_mask: torch.Tensor | None  # bool [B, Nk], True = a real token
+    bias: torch.Tensor | None  # broadcastable to [B, Hq, Nq, Nk]
+    scale: float
+    dropout_p: float
+    seed: torch.Tensor | None  # int64 scalar from _checks.dropout_seed; None when dropout_p == 0
+
+
+class AttentionGradInputs(NamedTuple):
+    """What ``fusedlm::attention_backward`` takes after the forward's :class:`AttentionInputs`."""
+
+    grad_out: torch.Tensor  # [B, Hq, Nq, D]
+    out: torch.Tensor  # the forward's output
+    lse: torch.Tensor  # [B, Hq, Nq], the forward's log-sum-exp
+    bias_grad: bool  # whether to return dbias [B, Hq, Nq, Nk]
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,15 +80,6 @@ def _triton_supports(dtype: torch.dtype, dropout: bool = False, **facts) -> str 
     return "the triton kernel does not implement dropout_p > 0 yet" if dropout else None
 
 
-def _cpu_dropout(dropout_p: float, seed: int) -> dict:
-    """The dropout fields of the cpu kernel's AttentionArgs (csrc/cpu/ops.h): the reference's
-    integer keep threshold, the seed, and the multiplier of kept probabilities (as float32)."""
-    if dropout_p == 0:
-        return {}
-    return {"dropout_threshold": ref.dropout_threshold(dropout_p), "dropout_seed": seed,
-            "dropout_scale": 1.0 / (1.0 - dropout_p)}
-
-
 def _no_dropout(backend: str, dropout_p: float) -> None:
     """The kernels' guard until they implement the mask (choose() never picks them for dropout)."""
     if dropout_p > 0:
@@ -65,12 +90,12 @@ _forward = Dispatcher("attention")
 _backward = Dispatcher("attention")
 
 
-def _expanded_bias(bias, q, nk):
+def _expanded_bias(a: AttentionInputs) -> torch.Tensor | None:
     """bias as a float32 view broadcast to [B, Hq, Nq, Nk] (zero strides where it broadcasts)."""
-    if bias is None:
+    if a.bias is None:
         return None
-    b, hq, nq, _ = q.shape
-    return bias.to(torch.float32).expand(b, hq, nq, nk)
+    b, hq, nq, _ = a.q.shape
+    return a.bias.to(torch.float32).expand(b, hq, nq, a.k.shape[2])
 
 
 def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -82,71 +107,69 @@ def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return dbias.reshape(bias.shape).to(bias.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# Forward backends: (q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed)
-# -> (out, lse); seed is a Python int (ignored when dropout_p == 0)
-# ---------------------------------------------------------------------------------------------
-@_forward.register("reference")
-def _forward_reference(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
-    out, lse = ref.attention_lse(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed)
-    return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of D contiguous elements; any other strides are passed through."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _reference_inputs(a: AttentionInputs) -> dict:
+    """The record as keyword arguments of the reference functions (the seed as an int)."""
+    return a._replace(seed=_checks.seed_value(a.seed))._asdict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward backends: AttentionInputs -> (out, lse)
+# ---------------------------------------------------------------------------------------------
+@_forward.register("reference")
+def _forward_reference(a: AttentionInputs):
+    out, lse = ref.attention_lse(**_reference_inputs(a))
+    return out.contiguous(), lse.to(_lse_dtype(a.q.dtype)).contiguous()
+
+
+def _cpu_attention(entry: str, a: AttentionInputs, **buffers) -> None:
+    """Runs csrc/cpu/attention.cpp `entry`: the record's fields by name, laid out as the kernel
+    reads them (csrc/common/args.h: AttentionArgs), and the output buffers."""
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    a = a._replace(q=_unit_last_stride(a.q), k=_unit_last_stride(a.k), v=_unit_last_stride(a.v),
+                   prefix_len=contiguous(a.prefix_len), key_padding_mask=contiguous(a.key_padding_mask),
+                   bias=_expanded_bias(a), seed=_checks.seed_value(a.seed))
+    _checks.launch(entry, "AttentionArgs", a.q.device, **a._asdict(), **buffers)
+
+
 @_forward.register("cpu", supports=_cpu_supports)
-def _forward_cpu(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    prefix_len = None if prefix_len is None else prefix_len.contiguous()
-    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    bias = _expanded_bias(bias, q, nk)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+def _forward_cpu(a: AttentionInputs):
+    b, hq, nq, _ = a.q.shape
+    out = torch.empty_like(a.q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, nq), dtype=torch.float32)
-    cpu_module().attention_forward(_checks.cpu_args(
-        "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
-        bias=bias, scale=float(scale), out=out, lse=lse, num_threads=_checks.num_threads(), **_cpu_dropout(dropout_p, seed),
-    ))
+    _cpu_attention("attention_forward", a, out=out, lse=lse)
     return out, lse
 
 
 @_forward.register("triton", supports=_triton_supports)
-def _forward_triton(q, k, v, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed):
+def _forward_triton(a: AttentionInputs):
     from ..kernels import attention as kernels
 
-    _no_dropout("triton", dropout_p)
-    out, lse = kernels.forward(q, k, v, mode, prefix_len, key_padding_mask, _expanded_bias(bias, q, k.shape[2]), scale)
-    return out, lse
+    _no_dropout("triton", a.dropout_p)
+    return kernels.forward(a.q, a.k, a.v, a.mask_mode, a.prefix_len, a.key_padding_mask, _expanded_bias(a), a.scale)
 
 
-@torch.library.custom_op("fusedlm::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: int, prefix_len: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None, bias: torch.Tensor | None, scale: float, dropout_p: float,
-    seed: torch.Tensor | None, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    seed = 0 if seed is None else int(seed)  # int64 scalar tensor (so torch.compile can draw it in-graph)
-    return _forward(backend, q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed)
+@record_op("fusedlm::attention", AttentionInputs)
+def _attention_op(a: AttentionInputs, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(backend, a)
 
 
 @_attention_op.register_fake
-def _(q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+def _(a: AttentionInputs, backend: str):
+    return torch.empty_like(a.q, memory_format=torch.contiguous_format), a.q.new_empty(a.q.shape[:3], dtype=_lse_dtype(a.q.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward backends: -> (dq, dk, dv, dbias [B, Hq, Nq, Nk] or an empty tensor)
+# Backward backends: (AttentionInputs, AttentionGradInputs) -> (dq, dk, dv, dbias [B, Hq, Nq, Nk] or an empty tensor)
 # ---------------------------------------------------------------------------------------------
 @_backward.register("reference")
-def _backward_reference(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
-                        bias_grad):
-    dq, dk, dv, ds = ref.attention_backward(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale,
-                                            dropout_p, seed)
-    return dq, dk, dv, ds if bias_grad else q.new_empty(0)
+def _backward_reference(a: AttentionInputs, g: AttentionGradInputs):
+    dq, dk, dv, ds = ref.attention_backward(g.grad_out, out=g.out, lse=g.lse, **_reference_inputs(a))
+    return dq, dk, dv, ds if g.bias_grad else a.q.new_empty(0)
 
 
 # The CPU backward runs one task per (batch, key/value head, split of the key range); each split
@@ -158,90 +181,62 @@ def _cpu_splits(b: int, hkv: int, nk: int, threads: int, key_tile: int = 128) ->
 
 
 @_backward.register("cpu", supports=_cpu_supports)
-def _backward_cpu(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
-                  bias_grad):
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    threads = _checks.num_threads()
-    splits = _cpu_splits(b, hkv, nk, threads)
-    dp = -(-d // 16) * 16
-    prefix_len = None if prefix_len is None else prefix_len.contiguous()
-    key_padding_mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    bias32 = _expanded_bias(bias, q, nk)
-    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
-    dq = torch.zeros((splits, b, hq, nq, dp), dtype=torch.float32)
+def _backward_cpu(a: AttentionInputs, g: AttentionGradInputs):
+    b, hq, nq, d = a.q.shape
+    hkv, nk = a.k.shape[1], a.k.shape[2]
+    splits = _cpu_splits(b, hkv, nk, _checks.num_threads())
+    dq = torch.zeros((splits, b, hq, nq, -(-d // 16) * 16), dtype=torch.float32)
     dk = torch.empty((b, hkv, nk, d), dtype=torch.float32)
     dv = torch.empty((b, hkv, nk, d), dtype=torch.float32)
-    dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32) if bias_grad else None
-    cpu_module().attention_backward(_checks.cpu_args(
-        "AttentionArgs", q=q, k=k, v=v, mask_mode=mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
-        bias=bias32, scale=float(scale), out=out, lse=lse, grad_out=grad_out, dq=dq, dk=dk, dv=dv, dbias=dbias,
-        num_threads=threads, **_cpu_dropout(dropout_p, seed),
-    ))
+    dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32) if g.bias_grad else None
+    _cpu_attention("attention_backward", a, grad_out=g.grad_out.contiguous(), out=g.out.contiguous(),
+                   lse=g.lse.contiguous(), dq=dq, dk=dk, dv=dv, dbias=dbias)
     dq = dq.sum(0) if splits > 1 else dq[0]
-    return dq[..., :d].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias if bias_grad else q.new_empty(0)
+    return dq[..., :d].to(a.q.dtype), dk.to(a.k.dtype), dv.to(a.v.dtype), dbias if g.bias_grad else a.q.new_empty(0)
 
 
 @_backward.register("triton", supports=_triton_supports)
-def _backward_triton(grad_out, q, k, v, out, lse, mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
-                     bias_grad):
+def _backward_triton(a: AttentionInputs, g: AttentionGradInputs):
     from ..kernels import attention as kernels
 
-    _no_dropout("triton", dropout_p)
+    _no_dropout("triton", a.dropout_p)
     dq, dk, dv, dbias = kernels.backward(
-        grad_out.contiguous(), q, k, v, out, lse, mode, prefix_len, key_padding_mask,
-        _expanded_bias(bias, q, k.shape[2]), scale,
+        g.grad_out.contiguous(), a.q, a.k, a.v, g.out, g.lse, a.mask_mode, a.prefix_len, a.key_padding_mask,
+        _expanded_bias(a), a.scale,
     )
-    if not bias_grad or dbias is None:
-        dbias = q.new_empty(0)
+    if not g.bias_grad or dbias is None:
+        dbias = a.q.new_empty(0)
     return dq, dk, dv, dbias
 
 
-@torch.library.custom_op("fusedlm::attention_backward", mutates_args=())
+@record_op("fusedlm::attention_backward", AttentionInputs, AttentionGradInputs)
 def _attention_backward_op(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    mask_mode: int, prefix_len: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-    bias: torch.Tensor | None, scale: float, dropout_p: float, seed: torch.Tensor | None, bias_grad: bool,
-    backend: str,
+    a: AttentionInputs, g: AttentionGradInputs, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = 0 if seed is None else int(seed)
-    dq, dk, dv, dbias = _backward(
-        backend, grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed,
-        bias_grad,
-    )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+    return tuple(t.contiguous() for t in _backward(backend, a, g))
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, bias_grad,
-      backend):
-    b, hq, nq, _ = q.shape
-    nk = k.shape[2]
-    dbias = q.new_empty((b, hq, nq, nk), dtype=_lse_dtype(q.dtype)) if bias_grad else q.new_empty(0)
+def _(a: AttentionInputs, g: AttentionGradInputs, backend: str):
+    b, hq, nq, _ = a.q.shape
+    nk = a.k.shape[2]
+    dbias = a.q.new_empty((b, hq, nq, nk), dtype=_lse_dtype(a.q.dtype)) if g.bias_grad else a.q.new_empty(0)
     c = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
-            torch.empty_like(v, memory_format=c), dbias)
+    return (torch.empty_like(a.q, memory_format=c), torch.empty_like(a.k, memory_format=c),
+            torch.empty_like(a.v, memory_format=c), dbias)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, prefix_len, key_padding_mask, bias, seed)
-    ctx.meta = (mask_mode, scale, dropout_p, backend)
+def _setup_context(ctx, a: AttentionInputs, backend: str, output):
+    save_for_backward(ctx, a, *output)  # output: out, lse
+    ctx.backend = backend
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     # lse is an internal output (the public op returns only `out`): its gradient is ignored.
-    q, k, v, out, lse, prefix_len, key_padding_mask, bias, seed = ctx.saved_tensors
-    mask_mode, scale, dropout_p, backend = ctx.meta
-    bias_grad = bias is not None and ctx.needs_input_grad[6]
-    dq, dk, dv, dbias = _attention_backward_op(
-        grad_out, q, k, v, out, lse, mask_mode, prefix_len, key_padding_mask, bias, scale, dropout_p, seed, bias_grad,
-        backend,
-    )
-    grad_bias = _reduce_bias_grad(dbias, bias) if bias_grad else None
-    return dq, dk, dv, None, None, None, grad_bias, None, None, None, None
+    a, out, lse = saved(ctx)
+    bias_grad = a.bias is not None and _attention_op.needs_grad(ctx, "bias")
+    dq, dk, dv, dbias = _attention_backward_op(a, AttentionGradInputs(grad_out, out, lse, bias_grad), ctx.backend)
+    return _attention_op.grads(q=dq, k=dk, v=dv, bias=_reduce_bias_grad(dbias, a.bias) if bias_grad else None)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
@@ -304,7 +299,7 @@ def attention(
         dropout_p: dropout on the attention probabilities, in [0, 1) (training only: pass 0 in eval,
             as with torch's SDPA). The normalised probabilities are zeroed with probability p and the
             kept ones scaled by ``1 / (1 - p)``, after the softmax. 0 (the default) is the exact
-            no-dropout path. The reference backend implements it for now (the others fall back).
+            no-dropout path. The reference and cpu backends implement it (triton falls back).
         generator: the torch.Generator one 62-bit dropout seed is drawn from per call (default: torch's
             CPU generator); the same generator state gives the same mask, output and gradients. Under
             ``torch.compile(fullgraph=True)`` pass None: dynamo cannot trace a Generator argument.
@@ -345,17 +340,11 @@ def attention(
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    seed = None
-    if dropout_p > 0:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        seed = torch.randint(0, 2**62, (), generator=generator, device=gen_device)
+    dropout_p = _checks.dropout_p(dropout_p)
+    seed = _checks.dropout_seed(dropout_p, _checks.generator(generator))
+    inputs = AttentionInputs(q=q, k=k, v=v, mask_mode=ref.MASK_MODES[mask], prefix_len=prefix,
+                             key_padding_mask=key_padding_mask, bias=bias, scale=float(scale),
+                             dropout_p=dropout_p, seed=seed)
     backend = _forward.choose(device, dtype=q.dtype, head_dim=d, dropout=dropout_p > 0)
-    out, _ = _attention_op(q, k, v, ref.MASK_MODES[mask], prefix, key_padding_mask, bias, float(scale),
-                           float(dropout_p), seed, backend)
+    out, _ = _attention_op(inputs, backend)
     return out

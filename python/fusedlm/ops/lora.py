@@ -8,10 +8,15 @@ Backends (forward):
 * ``reference``: plain PyTorch.
 * ``cpu`` (``csrc/cpu/lora.cpp``): the base product is torch's GEMM (MKL/oneDNN), which nothing of
   ours beats on a dense matmul; the C++ kernel does the adapter part, rows grouped by adapter:
-  shrink ``h = x Aᵀ`` ([M, r], float32) and expand ``s · h Bᵀ``, added to the bias and to the base
-  product in one pass over the output (see :data:`CPU_BASE_FIRST`).
+  shrink ``h = x Aᵀ`` ([M, r], float32) and expand ``s · h Bᵀ`` plus the bias, written to the output,
+  onto which an ``addmm`` with ``beta=1`` then accumulates the base product (MKL's beta=1 GEMM
+  measured as fast as beta=0, and this skips a pass over y that adding after the GEMM costs).
 * ``triton`` (``kernels/lora.py``): one kernel per output tile computes the base tile ``x Wᵀ`` and
   adds the adapter term (and bias) before the store.
+
+Inputs: :func:`lora_linear` checks its arguments and gathers them in one record,
+:class:`LoraInputs`, which the custom op's schema mirrors field for field (``ops/_records.py``); the
+fake, ``setup_context``, the backward and every backend take it.
 
 Every backend also returns ``h = dropout(x) A_{id}ᵀ`` (float32 ``[M, r]``, zeros for rows without an
 adapter). The backward (plain PyTorch, shared by all backends) saves only x, h and the parameters,
@@ -20,7 +25,8 @@ never an ``M x N`` tensor. Multi-adapter gradients use one GEMM over all adapter
 data-dependent shapes (``torch.compile``-friendly).
 
 Dropout (training only; pass ``dropout_p=0`` in eval, as peft's ``nn.Dropout`` does in eval mode):
-the wrapper draws one 62-bit seed from `generator` (or torch's default generator) and the mask is
+the wrapper draws one 62-bit seed from `generator` (or torch's default generator;
+:func:`fusedlm.ops._checks.dropout_seed`, as attention does) and the mask is
 regenerated from that seed by :func:`fusedlm.reference.lora.dropout_mask`, in the forward and again in
 the backward, so nothing of size ``M x K`` is saved for it.
 
@@ -30,25 +36,36 @@ output by this op's kernels; the 4-bit weight gets no gradient.
 """
 from __future__ import annotations
 
-import numbers
+from typing import NamedTuple
 
 import torch
 
 from ..reference import lora as ref
 from . import _checks
-from ._backends import Dispatcher, cpu_module
+from ._backends import Dispatcher
+from ._records import record_op, save_for_backward, saved
 from .nf4 import NF4Weight, nf4_matmul
-
-# cpu backend: True = torch GEMM first, then the adapter kernel adds bias + adapter term onto it
-# (read-modify-write of y); False = the adapter kernel writes bias + adapter term, then an addmm
-# with beta=1 accumulates the base product onto it (MKL's beta=1 GEMM measured as fast as beta=0).
-# `fusedlm bench --suite lora --full` prints both; they measured within noise of each other at
-# M=512, K=N=4096 (89.8 vs 90.2 ms, 2 threads), so the default skips the extra pass over y.
-CPU_BASE_FIRST = False
 
 _forward = Dispatcher("lora_linear")
 # float64 runs on the reference backend only (for gradcheck).
 _DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+class LoraInputs(NamedTuple):
+    """The inputs of ``fusedlm::lora_linear``, as :func:`lora_linear` checked them (its schema: these
+    fields, then the backend). Exactly one of weight and base is given."""
+
+    x: torch.Tensor  # [M, K]
+    weight: torch.Tensor | None  # dense [N, K]
+    base: torch.Tensor | None  # [M, N]: the base product already computed (NF4 weights: nf4_matmul)
+    lora_a: torch.Tensor  # [A, r, K]
+    lora_b: torch.Tensor  # [A, N, r]
+    scaling: float
+    bias: torch.Tensor | None  # [N]
+    adapter_ids: torch.Tensor | None  # int64 [M] in [-1, A); None: every row adapter 0
+    gates: torch.Tensor  # [A]
+    dropout_p: float
+    seed: torch.Tensor | None  # int64 scalar from _checks.dropout_seed; None when dropout_p == 0
 
 
 def _cpu_supports(dtype: torch.dtype, **facts) -> str | None:
@@ -63,11 +80,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _row_scales(scaling: float, gates: torch.Tensor, ids: torch.Tensor | None, m: int) -> torch.Tensor:
+def _row_scales(a: LoraInputs, m: int) -> torch.Tensor:
     """Per-row factor scaling * g[id] (0 for rows without an adapter), float32 [M]."""
-    g = scaling * gates.float()
-    if ids is None:
+    g = a.scaling * a.gates.float()
+    if a.adapter_ids is None:
         return g.expand(m)
+    ids = a.adapter_ids
     return torch.where(ids >= 0, g[ids.clamp(min=0)], torch.zeros((), device=g.device))
 
 
@@ -88,9 +106,9 @@ def _shrink(xd: torch.Tensor, lora_a: torch.Tensor, ids: torch.Tensor | None) ->
 
 
 @torch.library.custom_op("fusedlm::lora_dropout_mask", mutates_args=())
-def _dropout_mask_op(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _dropout_mask_op(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """The float32 [M, K] dropout mask for x [M, K] (a custom op so the backward traces under fake tensors)."""
-    return ref.dropout_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+    return ref.dropout_mask(x.shape[0], x.shape[1], dropout_p, _checks.seed_value(seed), x.device)
 
 
 @_dropout_mask_op.register_fake
@@ -98,73 +116,61 @@ def _(x, dropout_p, seed):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def _adapter_input(x2: torch.Tensor, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if dropout_p == 0.0:
-        return x2, None
-    mask = _dropout_mask_op(x2, dropout_p, seed)
-    return x2.to(_acc(x2.dtype)) * mask, mask
+def _adapter_input(a: LoraInputs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dropout(x), its float32 mask), or (x, None) without dropout."""
+    if a.dropout_p == 0.0:
+        return x, None
+    mask = _dropout_mask_op(x, a.dropout_p, a.seed)
+    return x.to(_acc(x.dtype)) * mask, mask
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. Each gets x2 [M, K], a dense weight [N, K] or base [M, N] (exactly one), lora_a
-# [A, r, K], lora_b [A, N, r], bias [N] or None, ids [M] or None (None: every row adapter 0),
-# gates [A], and returns (y [M, N] in x's dtype, h [M, r] float32).
+# Backends: LoraInputs -> (y [M, N] in x's dtype, h [M, r] float32)
 # ---------------------------------------------------------------------------------------------
 @_forward.register("reference")
-def _forward_reference(x2, weight, base, lora_a, lora_b, scaling, bias, ids, gates, dropout_p, seed):
-    xd, mask = _adapter_input(x2, dropout_p, seed)
-    h = _shrink(xd, lora_a, ids)
+def _forward_reference(a: LoraInputs):
+    xd, mask = _adapter_input(a, a.x)
+    h = _shrink(xd, a.lora_a, a.adapter_ids)
+    ids = a.adapter_ids
     if ids is None:
-        ids = torch.zeros(x2.shape[0], dtype=torch.long, device=x2.device)
-    if base is None:
-        y = ref.lora_linear(x2, weight, lora_a, lora_b, scaling, bias=bias, adapter_ids=ids, gates=gates, dropout_mask=mask)
+        ids = torch.zeros(a.x.shape[0], dtype=torch.long, device=a.x.device)
+    common = dict(adapter_ids=ids, gates=a.gates, dropout_mask=mask)
+    if a.base is None:
+        y = ref.lora_linear(a.x, a.weight, a.lora_a, a.lora_b, a.scaling, bias=a.bias, **common)
     else:
-        zero = torch.zeros((base.shape[1], x2.shape[1]), dtype=x2.dtype, device=x2.device)
-        delta = ref.lora_linear(x2, zero, lora_a, lora_b, scaling, adapter_ids=ids, gates=gates, dropout_mask=mask)
-        y = (base.to(_acc(x2.dtype)) + delta.to(_acc(x2.dtype))).to(x2.dtype)
+        zero = torch.zeros((a.base.shape[1], a.x.shape[1]), dtype=a.x.dtype, device=a.x.device)
+        delta = ref.lora_linear(a.x, zero, a.lora_a, a.lora_b, a.scaling, **common)
+        y = (a.base.to(_acc(a.x.dtype)) + delta.to(_acc(a.x.dtype))).to(a.x.dtype)
     return y, h
 
 
-def _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, init):
-    """Runs csrc/cpu/lora.cpp: h = xd A_{id}ᵀ, then out = init + bias + s · h Bᵀ per row."""
-    m, k = xd.shape
-    n_adapters, r, _ = lora_a.shape
-    a32 = lora_a.float().contiguous()  # [A, r, K]
-    bt32 = lora_b.float().transpose(1, 2).contiguous()  # [A, r, N]: the expand streams along N
-    scales = (scaling * gates.float()).contiguous()
-    if ids is None:
-        rows = None
-        segments = torch.tensor([0, 0, m], dtype=torch.long)
-    else:  # rows grouped by adapter: segment 0 = rows without one, segment 1 + a = adapter a
-        rows = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids + 1, minlength=n_adapters + 1)
-        segments = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    bias32 = None if bias is None else bias.float().contiguous()
+@_forward.register("cpu", supports=_cpu_supports)
+def _forward_cpu(a: LoraInputs):
+    """csrc/cpu/lora.cpp writes bias + the adapter term (onto the NF4 base output, when given) with
+    h = xd A_{id}ᵀ; then the dense base product is accumulated onto it."""
+    x = a.x if a.x.stride(1) == 1 else a.x.contiguous()
+    xd, _ = _adapter_input(a, x)
+    m, k = x.shape
+    n_adapters, r, _ = a.lora_a.shape
+    out = torch.empty((m, a.lora_b.shape[1]), dtype=x.dtype)
     h = torch.empty((m, r), dtype=torch.float32)
     if m == 0:
-        return h
-    cpu_module().lora_forward(_checks.cpu_args(
-        "LoraArgs", x=xd, lora_a=a32, lora_bt=bt32, rows=rows, segments=segments, scales=scales, bias=bias32, h=h,
-        init=init, out=out, num_threads=_checks.num_threads(),
-    ))
-    return h
-
-
-@_forward.register("cpu", supports=_cpu_supports)
-def _forward_cpu(x2, weight, base, lora_a, lora_b, scaling, bias, ids, gates, dropout_p, seed):
-    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    xd, _ = _adapter_input(x2, dropout_p, seed)
-    m, n_out = x2.shape[0], lora_b.shape[1]
-    if base is not None:  # NF4: the adapter kernel reads the base output and writes y
-        out = torch.empty((m, n_out), dtype=x2.dtype)
-        h = _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, base.contiguous())
-    elif CPU_BASE_FIRST:
-        out = torch.mm(x2, weight.T)
-        h = _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, out)
-    else:
-        out = torch.empty((m, n_out), dtype=x2.dtype)
-        h = _cpu_adapter(xd, lora_a, lora_b, scaling, bias, ids, gates, out, None)
-        out.addmm_(x2, weight.T)
+        return out, h
+    if a.adapter_ids is None:
+        rows, segments = None, torch.tensor([0, 0, m], dtype=torch.long)
+    else:  # rows grouped by adapter: segment 0 = rows without one, segment 1 + a = adapter a
+        rows = torch.argsort(a.adapter_ids, stable=True)
+        counts = torch.bincount(a.adapter_ids + 1, minlength=n_adapters + 1)
+        segments = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    _checks.launch(
+        "lora_forward", "LoraArgs", x.device, x=xd, lora_a=a.lora_a.float().contiguous(),  # [A, r, K]
+        lora_bt=a.lora_b.float().transpose(1, 2).contiguous(),  # [A, r, N]: the expand streams along N
+        rows=rows, segments=segments, scales=(a.scaling * a.gates.float()).contiguous(),
+        bias=None if a.bias is None else a.bias.float().contiguous(), h=h,
+        init=None if a.base is None else a.base.contiguous(), out=out,
+    )
+    if a.base is None:
+        out.addmm_(x, a.weight.T)
     return out, h
 
 
@@ -173,43 +179,36 @@ def _triton_supports(dtype: torch.dtype, **facts) -> str | None:
 
 
 @_forward.register("triton", supports=_triton_supports)
-def _forward_triton(x2, weight, base, lora_a, lora_b, scaling, bias, ids, gates, dropout_p, seed):
+def _forward_triton(a: LoraInputs):
     from ..kernels import lora as kernels
 
-    xd, _ = _adapter_input(x2, dropout_p, seed)
-    h = _shrink(xd, lora_a, ids)  # [M, r], a tiny GEMM next to the base product
-    scales = _row_scales(scaling, gates, ids, x2.shape[0]).contiguous()
-    if ids is None:
-        ids = torch.zeros(x2.shape[0], dtype=torch.long, device=x2.device)
-    y = kernels.lora_linear(x2, weight, base, h, lora_b, ids, scales, bias)
+    xd, _ = _adapter_input(a, a.x)
+    h = _shrink(xd, a.lora_a, a.adapter_ids)  # [M, r], a tiny GEMM next to the base product
+    m = a.x.shape[0]
+    ids = a.adapter_ids if a.adapter_ids is not None else torch.zeros(m, dtype=torch.long, device=a.x.device)
+    y = kernels.lora_linear(a.x, a.weight, a.base, h, a.lora_b, ids, _row_scales(a, m).contiguous(), a.bias)
     return y, h
 
 
 # ---------------------------------------------------------------------------------------------
 # the custom op and its backward
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fusedlm::lora_linear", mutates_args=())
-def _lora_linear_op(
-    x: torch.Tensor, weight: torch.Tensor | None, base: torch.Tensor | None, lora_a: torch.Tensor,
-    lora_b: torch.Tensor, scaling: float, bias: torch.Tensor | None, adapter_ids: torch.Tensor | None,
-    gates: torch.Tensor, dropout_p: float, seed: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(backend, x, weight, base, lora_a, lora_b, scaling, bias, adapter_ids, gates, dropout_p, seed)
+@record_op("fusedlm::lora_linear", LoraInputs)
+def _lora_linear_op(a: LoraInputs, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(backend, a)
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, base, lora_a, lora_b, scaling, bias, adapter_ids, gates, dropout_p, seed, backend):
-    m, r, n_out = x.shape[0], lora_a.shape[1], lora_b.shape[1]
-    return x.new_empty((m, n_out)), x.new_empty((m, r), dtype=_acc(x.dtype))
+def _(a: LoraInputs, backend: str):
+    m, r, n_out = a.x.shape[0], a.lora_a.shape[1], a.lora_b.shape[1]
+    return a.x.new_empty((m, n_out)), a.x.new_empty((m, r), dtype=_acc(a.x.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, base, lora_a, lora_b, scaling, bias, adapter_ids, gates, dropout_p, seed, backend = inputs
+def _setup_context(ctx, a: LoraInputs, backend: str, output):
     _, h = output
-    # x, h and the parameters: never an M x N tensor.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, adapter_ids, gates, h)
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    # x, h and the parameters: never an M x N tensor (base is not kept; of bias only its dtype).
+    save_for_backward(ctx, a._replace(base=None, bias=None), h)
+    ctx.bias_dtype = None if a.bias is None else a.bias.dtype
 
 
 def _backward(ctx, grad_y, grad_h):
@@ -220,45 +219,46 @@ def _backward(ctx, grad_y, grad_h):
     dg_a = scaling Σ_{rows of a} u · h.  All adapters at once: the rows' h and dh are scattered into
     [M, A·r] blocks (zeros outside the row's adapter), so each sum over rows is one GEMM.
     """
-    x, weight, lora_a, lora_b, ids, gates, h = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    a, h = saved(ctx)
+    x, weight, lora_a, lora_b, gates = a.x, a.weight, a.lora_a, a.lora_b, a.gates
+    need = lambda field: _lora_linear_op.needs_grad(ctx, field)  # noqa: E731
     m, k = x.shape
     n_adapters, r, _ = lora_a.shape
     n_out = lora_b.shape[1]
     acc = _acc(x.dtype)
     dy = grad_y.to(acc)
-    onehot = _one_hot(ids, n_adapters, m, x.device).to(acc)  # [M, A]
+    onehot = _one_hot(a.adapter_ids, n_adapters, m, x.device).to(acc)  # [M, A]
     g = gates.to(acc)
     b_cat = lora_b.to(acc).permute(1, 0, 2).reshape(n_out, n_adapters * r)  # [N, A·r]
     u = ((dy @ b_cat).view(m, n_adapters, r) * onehot[:, :, None]).sum(1)  # [M, r]
-    row_s = (onehot * (ctx.scaling * g)).sum(1, keepdim=True)  # [M, 1]
+    row_s = (onehot * (a.scaling * g)).sum(1, keepdim=True)  # [M, 1]
     dh = row_s * u
     h_blocks = (onehot[:, :, None] * h[:, None, :]).reshape(m, n_adapters * r)  # [M, A·r]
     dh_blocks = (onehot[:, :, None] * dh[:, None, :]).reshape(m, n_adapters * r)
-    xd, mask = _adapter_input(x, ctx.dropout_p, ctx.seed)
+    xd, mask = _adapter_input(a, x)
 
-    grad_x = grad_w = grad_base = grad_a = grad_b = grad_bias = grad_g = None
-    if need[0]:
+    grads = {}
+    if need("x"):
         dx = dh_blocks @ lora_a.to(acc).reshape(n_adapters * r, k)  # [M, K]
         if mask is not None:
             dx = dx * mask
         if weight is not None:
             dx = torch.addmm(dx, dy, weight.to(acc))  # the base GEMM accumulates onto the adapter part
-        grad_x = dx.to(x.dtype)
-    if weight is not None and need[1]:
-        grad_w = (dy.T @ x.to(acc)).to(weight.dtype)
-    if need[2]:
-        grad_base = grad_y
-    if need[3]:
-        grad_a = (dh_blocks.T @ xd.to(acc)).view(n_adapters, r, k).to(lora_a.dtype)
-    if need[4]:
+        grads["x"] = dx.to(x.dtype)
+    if weight is not None and need("weight"):
+        grads["weight"] = (dy.T @ x.to(acc)).to(weight.dtype)
+    if need("base"):
+        grads["base"] = grad_y
+    if need("lora_a"):
+        grads["lora_a"] = (dh_blocks.T @ xd.to(acc)).view(n_adapters, r, k).to(lora_a.dtype)
+    if need("lora_b"):
         db = (dy.T @ h_blocks).view(n_out, n_adapters, r).permute(1, 0, 2)  # [A, N, r], unscaled
-        grad_b = (db * (ctx.scaling * g)[:, None, None]).to(lora_b.dtype)
-    if need[6]:
-        grad_bias = dy.sum(0).to(ctx.bias_dtype)
-    if need[8]:
-        grad_g = (ctx.scaling * (onehot[:, :, None] * (u * h)[:, None, :]).sum((0, 2))).to(gates.dtype)
-    return grad_x, grad_w, grad_base, grad_a, grad_b, None, grad_bias, None, grad_g, None, None, None
+        grads["lora_b"] = (db * (a.scaling * g)[:, None, None]).to(lora_b.dtype)
+    if need("bias"):
+        grads["bias"] = dy.sum(0).to(ctx.bias_dtype)
+    if need("gates"):
+        grads["gates"] = (a.scaling * (onehot[:, :, None] * (u * h)[:, None, :]).sum((0, 2))).to(gates.dtype)
+    return _lora_linear_op.grads(**grads)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -267,12 +267,6 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor | NF4Weight,
@@ -341,7 +335,7 @@ def lora_linear(
         _checks.tensor("bias", bias, dtypes=_DTYPES)
         _checks.same_dtype(x=x, bias=bias)
         _checks.shape("bias", bias, (n_out,))
-    scaling = _number("scaling", scaling)
+    scaling = _checks.number("scaling", scaling)
 
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -365,26 +359,21 @@ def lora_linear(
             raise ValueError(f"gates must have shape [{n_adapters}] (one per adapter), got {list(gates.shape)}")
         gate_t = gates.reshape(n_adapters)
     else:
-        gate_t = torch.full((n_adapters,), _number("gates", gates), dtype=torch.float32, device=x.device)
+        gate_t = torch.full((n_adapters,), _checks.number("gates", gates), dtype=torch.float32, device=x.device)
 
-    dropout_p = _number("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    dropout_p = _checks.dropout_p(dropout_p)
+    _checks.generator(generator)
     _checks.same_device(x=x, weight=dense if dense is not None else weight.data, lora_a=lora_a, lora_b=lora_b,
                         bias=bias, adapter_ids=adapter_ids, gates=gate_t)
-    seed = 0
-    if dropout_p > 0.0:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+    seed = _checks.dropout_seed(dropout_p, generator)
 
-    a3 = lora_a if many else lora_a.unsqueeze(0)
-    b3 = lora_b if many else lora_b.unsqueeze(0)
     backend = _forward.choose(x.device, dtype=dtype)
+    inputs = LoraInputs(
+        x=x2, weight=dense, base=None, lora_a=lora_a if many else lora_a.unsqueeze(0),
+        lora_b=lora_b if many else lora_b.unsqueeze(0), scaling=scaling, bias=bias, adapter_ids=adapter_ids,
+        gates=gate_t, dropout_p=dropout_p, seed=seed,
+    )
     if dense is None:  # NF4: base product by nf4_matmul (bias there), adapter term here
-        base = nf4_matmul(x2, weight, bias)
-        y, _ = _lora_linear_op(x2, None, base, a3, b3, scaling, None, adapter_ids, gate_t, dropout_p, seed, backend)
-    else:
-        y, _ = _lora_linear_op(x2, dense, None, a3, b3, scaling, bias, adapter_ids, gate_t, dropout_p, seed, backend)
+        inputs = inputs._replace(base=nf4_matmul(x2, weight, bias), bias=None)
+    y, _ = _lora_linear_op(inputs, backend)
     return y.reshape(*x.shape[:-1], n_out)

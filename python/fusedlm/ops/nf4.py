@@ -25,17 +25,24 @@ data; the matmuls receive the absmax it stands for (float32, undone once per cal
 * ``cuda``: the decode GEMV (one warp per output feature and row of x, 16-byte loads, float32
   accumulation) up to :data:`CPU_GEMV_MAX_ROWS` rows; above that, dequantise + cuBLAS. Needs
   K % 32 == 0 (else the next backend).
+
+Inputs: each op's arguments are one record (:class:`Nf4QuantizeInputs`, :class:`Nf4DequantizeInputs`,
+:class:`Nf4MatmulInputs`) mirrored by its custom op's schema (``ops/_records.py``). The cpu and cuda
+backends are one function each: ``fusedlm._C`` and ``fusedlm._cuda`` take the same args struct
+(``csrc/common/args.h``: ``Nf4Args``), picked by the tensors' device (``_checks.launch``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
 from ..reference import nf4 as ref
 from . import _checks
-from ._backends import Dispatcher, cpu_module, cuda_module
+from ._backends import Dispatcher, cpu_module
+from ._records import record_op, save_for_backward, saved
 
 
 @dataclasses.dataclass
@@ -114,15 +121,48 @@ class NF4Weight:
                                f"{name}.nested_absmax": self.nested_absmax, f"{name}.offset": self.offset})
 
 
+class Nf4QuantizeInputs(NamedTuple):
+    """The inputs of ``fusedlm::nf4_quantize`` (its schema: these fields, then the backend)."""
+
+    w: torch.Tensor  # float, any shape
+    blocksize: int
+
+
+class Nf4DequantizeInputs(NamedTuple):
+    """The inputs of ``fusedlm::nf4_dequantize`` (its schema: these fields, then the backend)."""
+
+    data: torch.Tensor  # uint8 [ceil(n / 2), 1], NF4Weight.data
+    absmax: torch.Tensor  # float32 [n_blocks] (double quantisation undone)
+    blocksize: int
+    shape: list[int]  # of the weight
+    dtype: torch.dtype  # of the result
+
+
+class Nf4MatmulInputs(NamedTuple):
+    """The inputs of ``fusedlm::nf4_matmul`` (its schema: these fields, then the backend)."""
+
+    x: torch.Tensor  # [..., K]
+    data: torch.Tensor  # uint8, the weight [N, K] packed
+    absmax: torch.Tensor  # float32 [n_blocks]
+    blocksize: int
+    shape: list[int]  # [N, K]
+    bias: torch.Tensor | None  # [N]
+
+
+def _code(device: torch.device) -> torch.Tensor:
+    """The NF4 code table (reference.nf4: the one place it lives) on `device`."""
+    return ref.NF4_CODE.to(device)
+
+
 # ---------------------------------------------------------------------------------------------
-# Backends: quantise  w -> (data, absmax)
+# Backends: quantise  Nf4QuantizeInputs -> (data, absmax)
 # ---------------------------------------------------------------------------------------------
 _quantize = Dispatcher("nf4_quantize")
 
 
 @_quantize.register("reference")
-def _quantize_reference(w: torch.Tensor, blocksize: int):
-    return ref.quantize(w, blocksize)
+def _quantize_reference(a: Nf4QuantizeInputs):
+    return ref.quantize(a.w, a.blocksize)
 
 
 def _empty_packed(w: torch.Tensor, blocksize: int):
@@ -133,106 +173,77 @@ def _empty_packed(w: torch.Tensor, blocksize: int):
 
 
 @_quantize.register("cpu")
-def _quantize_cpu(w: torch.Tensor, blocksize: int):
-    w = w.contiguous()
-    data, absmax = _empty_packed(w, blocksize)
-    cpu_module().nf4_quantize(_checks.cpu_args(
-        "Nf4Args", w=w.view(-1), data=data.view(-1), absmax=absmax, midpoints=ref.NF4_MIDPOINTS,
-        blocksize=blocksize, num_threads=_checks.num_threads(),
-    ))
+@_quantize.register("cuda")
+def _quantize_compiled(a: Nf4QuantizeInputs):
+    w = a.w.contiguous()
+    data, absmax = _empty_packed(w, a.blocksize)
+    _checks.launch("nf4_quantize", "Nf4Args", w.device, w=w.view(-1), data=data.view(-1), absmax=absmax,
+                   midpoints=ref.NF4_MIDPOINTS.to(w.device), blocksize=a.blocksize)
     return data, absmax
 
 
 @_quantize.register("triton")
-def _quantize_triton(w: torch.Tensor, blocksize: int):
+def _quantize_triton(a: Nf4QuantizeInputs):
     from ..kernels import nf4 as kernels
 
-    data, absmax = _empty_packed(w, blocksize)
-    kernels.quantize(w.contiguous().view(-1), blocksize, ref.NF4_MIDPOINTS.to(w.device), data.view(-1), absmax)
+    data, absmax = _empty_packed(a.w, a.blocksize)
+    kernels.quantize(a.w.contiguous().view(-1), a.blocksize, ref.NF4_MIDPOINTS.to(a.w.device), data.view(-1), absmax)
     return data, absmax
 
 
-@_quantize.register("cuda")
-def _quantize_cuda(w: torch.Tensor, blocksize: int):
-    w = w.contiguous()
-    data, absmax = _empty_packed(w, blocksize)
-    cuda_module().nf4_quantize(
-        w.data_ptr(), _checks.DTYPE_CODES[w.dtype], w.numel(), blocksize,
-        ref.NF4_MIDPOINTS.to(w.device).data_ptr(), data.data_ptr(), absmax.data_ptr(),
-        torch.cuda.current_stream(w.device).cuda_stream,
-    )
-    return data, absmax
-
-
-@torch.library.custom_op("fusedlm::nf4_quantize", mutates_args=())
-def _nf4_quantize_op(w: torch.Tensor, blocksize: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize(backend, w, blocksize)
+@record_op("fusedlm::nf4_quantize", Nf4QuantizeInputs)
+def _nf4_quantize_op(a: Nf4QuantizeInputs, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize(backend, a)
 
 
 @_nf4_quantize_op.register_fake
-def _(w, blocksize, backend):
-    n = w.numel()
-    return w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), w.new_empty(-(-n // blocksize), dtype=torch.float32)
+def _(a: Nf4QuantizeInputs, backend: str):
+    n = a.w.numel()
+    return a.w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), a.w.new_empty(-(-n // a.blocksize), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: dequantise  (data, float32 absmax) -> w
+# Backends: dequantise  Nf4DequantizeInputs -> w
 # ---------------------------------------------------------------------------------------------
 _dequantize = Dispatcher("nf4_dequantize")
 
 
 @_dequantize.register("reference")
-def _dequantize_reference(data, absmax, blocksize, shape, dtype):
-    return ref.dequantize(data, absmax, blocksize, shape, dtype)
+def _dequantize_reference(a: Nf4DequantizeInputs):
+    return ref.dequantize(a.data, a.absmax, a.blocksize, a.shape, a.dtype)
+
+
+def _dequantize_into(data: torch.Tensor, absmax: torch.Tensor, blocksize: int, out: torch.Tensor) -> None:
+    """The compiled dequantisation of (data, absmax) into the contiguous `out` (cpu or cuda by its device)."""
+    _checks.launch("nf4_dequantize", "Nf4Args", out.device, data=data.view(-1), absmax=absmax, code=_code(out.device),
+                   blocksize=blocksize, out=out.view(-1))
 
 
 @_dequantize.register("cpu")
-def _dequantize_cpu(data, absmax, blocksize, shape, dtype):
-    out = torch.empty(shape, dtype=dtype, device=data.device)
-    _dequantize_cpu_into(data, absmax, blocksize, out)
+@_dequantize.register("cuda")
+def _dequantize_compiled(a: Nf4DequantizeInputs):
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.data.device)
+    _dequantize_into(a.data, a.absmax, a.blocksize, out)
     return out
-
-
-def _dequantize_cpu_into(data, absmax, blocksize, out):
-    cpu_module().nf4_dequantize(_checks.cpu_args(
-        "Nf4Args", data=data.view(-1), absmax=absmax, code=ref.NF4_CODE, blocksize=blocksize,
-        out=out.view(-1), num_threads=_checks.num_threads(),
-    ))
 
 
 @_dequantize.register("triton")
-def _dequantize_triton(data, absmax, blocksize, shape, dtype):
+def _dequantize_triton(a: Nf4DequantizeInputs):
     from ..kernels import nf4 as kernels
 
-    out = torch.empty(shape, dtype=dtype, device=data.device)
-    kernels.dequantize(data.view(-1), absmax, blocksize, ref.NF4_CODE.to(data.device), out.view(-1))
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.data.device)
+    kernels.dequantize(a.data.view(-1), a.absmax, a.blocksize, _code(a.data.device), out.view(-1))
     return out
 
 
-@_dequantize.register("cuda")
-def _dequantize_cuda(data, absmax, blocksize, shape, dtype):
-    out = torch.empty(shape, dtype=dtype, device=data.device)
-    _dequantize_cuda_into(data, absmax, blocksize, out)
-    return out
-
-
-def _dequantize_cuda_into(data, absmax, blocksize, out):
-    cuda_module().nf4_dequantize(
-        data.data_ptr(), absmax.data_ptr(), out.numel(), blocksize, ref.NF4_CODE.to(data.device).data_ptr(),
-        out.data_ptr(), _checks.DTYPE_CODES[out.dtype], torch.cuda.current_stream(data.device).cuda_stream,
-    )
-
-
-@torch.library.custom_op("fusedlm::nf4_dequantize", mutates_args=())
-def _nf4_dequantize_op(
-    data: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: list[int], dtype: torch.dtype, backend: str
-) -> torch.Tensor:
-    return _dequantize(backend, data.contiguous(), absmax.contiguous(), blocksize, shape, dtype)
+@record_op("fusedlm::nf4_dequantize", Nf4DequantizeInputs)
+def _nf4_dequantize_op(a: Nf4DequantizeInputs, backend: str) -> torch.Tensor:
+    return _dequantize(backend, a._replace(data=a.data.contiguous(), absmax=a.absmax.contiguous()))
 
 
 @_nf4_dequantize_op.register_fake
-def _(data, absmax, blocksize, shape, dtype, backend):
-    return data.new_empty(shape, dtype=dtype)
+def _(a: Nf4DequantizeInputs, backend: str):
+    return a.data.new_empty(a.shape, dtype=a.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +272,7 @@ def nf4_quantize(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = F
         raise ValueError(f"w must have at least one element, got shape {list(w.shape)}")
     _checks.finite("w", w)
     backend = _quantize.choose(w.device, dtype=w.dtype)
-    data, absmax = _nf4_quantize_op(w.detach(), blocksize, backend)
+    data, absmax = _nf4_quantize_op(Nf4QuantizeInputs(w=w.detach(), blocksize=blocksize), backend)
     qw = NF4Weight(data=data, absmax=absmax, blocksize=blocksize, shape=w.shape, dtype=w.dtype)
     if double_quant:
         qw.absmax, qw.nested_absmax, qw.offset = ref.quantize_absmax(absmax)
@@ -274,7 +285,9 @@ def nf4_dequantize(qw: NF4Weight) -> torch.Tensor:
         raise TypeError(f"qw must be an NF4Weight, got {type(qw).__name__}")
     qw.validate("qw")
     backend = _dequantize.choose(qw.device, dtype=qw.dtype)
-    return _nf4_dequantize_op(qw.data, qw.float_absmax(), qw.blocksize, list(qw.shape), qw.dtype, backend)
+    inputs = Nf4DequantizeInputs(data=qw.data, absmax=qw.float_absmax(), blocksize=qw.blocksize, shape=list(qw.shape),
+                                 dtype=qw.dtype)
+    return _nf4_dequantize_op(inputs, backend)
 
 
 def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,7 +310,9 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
         _checks.shape("bias", bias, (n_out,))
     _checks.same_device(x=x, **{"qw.data": qw.data}, bias=bias)
     backend = _matmul.choose(x.device, dtype=x.dtype, k=k)
-    return _nf4_matmul_op(x, qw.data, qw.float_absmax(), qw.blocksize, list(qw.shape), bias, backend)
+    inputs = Nf4MatmulInputs(x=x, data=qw.data, absmax=qw.float_absmax(), blocksize=qw.blocksize, shape=list(qw.shape),
+                             bias=bias)
+    return _nf4_matmul_op(inputs, backend)
 
 
 _matmul = Dispatcher("nf4_matmul")
@@ -310,8 +325,24 @@ CPU_TILE_BYTES = 8 << 20  # size of one decoded tile of W on the tiled path (sma
 
 
 @_matmul.register("reference")
-def _matmul_reference(x, data, absmax, blocksize, shape, bias):
-    return ref.matmul(x, data, absmax, blocksize, shape, bias)
+def _matmul_reference(a: Nf4MatmulInputs):
+    return ref.matmul(a.x, a.data, a.absmax, a.blocksize, a.shape, a.bias)
+
+
+def _gemv(x2: torch.Tensor, a: Nf4MatmulInputs) -> torch.Tensor:
+    """The compiled fused GEMV (cpu or cuda by x's device): x2 [M, K] (unit stride along K) @ W^T + bias."""
+    out = torch.empty((x2.shape[0], a.shape[0]), dtype=x2.dtype, device=x2.device)
+    if x2.shape[0]:
+        _checks.launch("nf4_gemv", "Nf4Args", x2.device, x=x2, data=a.data.view(-1), absmax=a.absmax,
+                       code=_code(x2.device), blocksize=a.blocksize,
+                       bias=None if a.bias is None else a.bias.float().contiguous(), out=out)
+    return out
+
+
+def _rows(a: Nf4MatmulInputs) -> torch.Tensor:
+    """x as [M, K] rows with unit stride along K."""
+    x2 = a.x.reshape(-1, a.shape[1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _cpu_matmul_supports(k: int, **facts) -> str | None:
@@ -319,26 +350,13 @@ def _cpu_matmul_supports(k: int, **facts) -> str | None:
 
 
 @_matmul.register("cpu", supports=_cpu_matmul_supports)
-def _matmul_cpu(x, data, absmax, blocksize, shape, bias):
-    n_out, k = shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m <= CPU_GEMV_MAX_ROWS:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-        if m == 0:
-            return out.view(*x.shape[:-1], n_out)
-        bias32 = None if bias is None else bias.float().contiguous()
-        cpu_module().nf4_gemv(_checks.cpu_args(
-            "Nf4Args", x=x2, data=data.view(-1), absmax=absmax, code=ref.NF4_CODE, blocksize=blocksize,
-            bias=bias32, out=out, num_threads=_checks.num_threads(),
-        ))
-        return out.view(*x.shape[:-1], n_out)
-    return _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias).view(*x.shape[:-1], n_out)
+def _matmul_cpu(a: Nf4MatmulInputs):
+    x2 = _rows(a)
+    out = _gemv(x2, a) if x2.shape[0] <= CPU_GEMV_MAX_ROWS else _matmul_tiled(x2, a)
+    return out.view(*a.x.shape[:-1], a.shape[0])
 
 
-def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
+def _matmul_tiled(x2: torch.Tensor, a: Nf4MatmulInputs) -> torch.Tensor:
     """Large M: decode a tile of rows of W and multiply it, tile by tile.
 
     Tiles are bf16 for bf16 x on CPUs with native bf16 dot products (avx512_bf16), else float32:
@@ -346,6 +364,8 @@ def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
     widened once and the output narrowed at the end. Extra memory is one decoded tile plus its
     slice of the output, never the whole weight.
     """
+    n_out, k = a.shape
+    blocksize = a.blocksize
     native_bf16 = cpu_module().active_isa() == "avx512_bf16"
     compute = torch.bfloat16 if x2.dtype == torch.bfloat16 and native_bf16 else torch.float32
     xc = x2.to(compute)
@@ -353,33 +373,28 @@ def _matmul_tiled(x2, data, absmax, blocksize, n_out, k, bias):
     align = blocksize // math.gcd(k, blocksize)
     rows = max(align, CPU_TILE_BYTES // (k * xc.element_size()) // align * align)
     out = torch.empty((x2.shape[0], n_out), dtype=torch.float32 if compute != x2.dtype else compute, device=x2.device)
-    flat_data = data.view(-1)
+    flat_data = a.data.view(-1)
     tile = torch.empty((rows, k), dtype=compute, device=x2.device)
     for n0 in range(0, n_out, rows):
         n1 = min(n_out, n0 + rows)
         w = tile[: n1 - n0]
-        _dequantize_cpu_into(flat_data[n0 * k // 2 : n1 * k // 2], absmax[n0 * k // blocksize : -(-n1 * k // blocksize)],
-                             blocksize, w)
+        _dequantize_into(flat_data[n0 * k // 2 : n1 * k // 2], a.absmax[n0 * k // blocksize : -(-n1 * k // blocksize)],
+                         blocksize, w)
         out[:, n0:n1] = xc @ w.T
-    if bias is not None:
-        out += bias.to(out.dtype)
+    if a.bias is not None:
+        out += a.bias.to(out.dtype)
     return out.to(x2.dtype)
 
 
-def _gpu_matmul_input(x, k):
-    x2 = x.reshape(-1, k)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 @_matmul.register("triton")
-def _matmul_triton(x, data, absmax, blocksize, shape, bias):
+def _matmul_triton(a: Nf4MatmulInputs):
     from ..kernels import nf4 as kernels
 
-    n_out, k = shape
-    out = kernels.matmul(_gpu_matmul_input(x, k), data.view(-1), absmax, blocksize, n_out, ref.NF4_CODE.to(x.device))
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).view(*x.shape[:-1], n_out)
+    n_out = a.shape[0]
+    out = kernels.matmul(_rows(a), a.data.view(-1), a.absmax, a.blocksize, n_out, _code(a.x.device))
+    if a.bias is not None:
+        out += a.bias.float()
+    return out.to(a.x.dtype).view(*a.x.shape[:-1], n_out)
 
 
 def _cuda_matmul_supports(k: int, **facts) -> str | None:
@@ -387,62 +402,48 @@ def _cuda_matmul_supports(k: int, **facts) -> str | None:
 
 
 @_matmul.register("cuda", supports=_cuda_matmul_supports)
-def _matmul_cuda(x, data, absmax, blocksize, shape, bias):
-    n_out, k = shape
-    x2 = _gpu_matmul_input(x, k)
-    m = x2.shape[0]
-    if m > CPU_GEMV_MAX_ROWS:
+def _matmul_cuda(a: Nf4MatmulInputs):
+    x2 = _rows(a)
+    if x2.shape[0] > CPU_GEMV_MAX_ROWS:
         # Prefill: dequantise to x's dtype and use cuBLAS (the fused CUDA kernel is the decode GEMV).
-        w = torch.empty((n_out, k), dtype=x.dtype, device=x.device)
-        _dequantize_cuda_into(data, absmax, blocksize, w)
+        w = torch.empty(a.shape, dtype=x2.dtype, device=x2.device)
+        _dequantize_into(a.data, a.absmax, a.blocksize, w)
         out = x2 @ w.T
-        if bias is not None:
-            out += bias.to(out.dtype)
-        return out.view(*x.shape[:-1], n_out)
-    if data.data_ptr() % 16:
-        data = data.clone()  # the kernel reads 16-byte words
-    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    bias32 = None if bias is None else bias.float().contiguous()
-    cuda_module().nf4_gemv(
-        x2.data_ptr(), _checks.DTYPE_CODES[x.dtype], m, k, x2.stride(0), data.data_ptr(), absmax.data_ptr(),
-        blocksize, n_out, ref.NF4_CODE.to(x.device).data_ptr(), 0 if bias32 is None else bias32.data_ptr(),
-        out.data_ptr(), _checks.DTYPE_CODES[x.dtype], torch.cuda.current_stream(x.device).cuda_stream,
-    )
-    return out.view(*x.shape[:-1], n_out)
+        if a.bias is not None:
+            out += a.bias.to(out.dtype)
+    else:
+        if a.data.data_ptr() % 16:
+            a = a._replace(data=a.data.clone())  # the kernel reads 16-byte words
+        out = _gemv(x2, a)
+    return out.view(*a.x.shape[:-1], a.shape[0])
 
 
-@torch.library.custom_op("fusedlm::nf4_matmul", mutates_args=())
-def _nf4_matmul_op(
-    x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: list[int],
-    bias: torch.Tensor | None, backend: str,
-) -> torch.Tensor:
-    return _matmul(backend, x, data.contiguous(), absmax.contiguous(), blocksize, shape, bias)
+@record_op("fusedlm::nf4_matmul", Nf4MatmulInputs)
+def _nf4_matmul_op(a: Nf4MatmulInputs, backend: str) -> torch.Tensor:
+    return _matmul(backend, a._replace(data=a.data.contiguous(), absmax=a.absmax.contiguous()))
 
 
 @_nf4_matmul_op.register_fake
-def _(x, data, absmax, blocksize, shape, bias, backend):
-    return x.new_empty((*x.shape[:-1], shape[0]))
+def _(a: Nf4MatmulInputs, backend: str):
+    return a.x.new_empty((*a.x.shape[:-1], a.shape[0]))
 
 
-def _matmul_setup_context(ctx, inputs, output):
-    x, data, absmax, blocksize, shape, bias, backend = inputs
-    ctx.save_for_backward(data, absmax)
-    ctx.meta = (blocksize, shape, x.dtype, backend)
-    ctx.bias_dtype = None if bias is None else bias.dtype
+def _matmul_setup_context(ctx, a: Nf4MatmulInputs, backend: str, output):
+    save_for_backward(ctx, a._replace(x=None, bias=None))  # the weight; of x and bias only their dtypes
+    ctx.x_dtype, ctx.bias_dtype, ctx.backend = a.x.dtype, None if a.bias is None else a.bias.dtype, backend
 
 
 def _matmul_backward(ctx, grad_out):
     # The 4-bit weight is frozen: gradients flow to x (QLoRA) and to the bias.
-    data, absmax = ctx.saved_tensors
-    blocksize, shape, x_dtype, backend = ctx.meta
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    (a,) = saved(ctx)
+    grads = {}
+    if _nf4_matmul_op.needs_grad(ctx, "x"):
         # through the dequantise custom op, so fake tensors (torch.compile, opcheck) trace it
-        w = _nf4_dequantize_op(data, absmax, blocksize, shape, torch.float32, backend)
-        grad_x = (grad_out.float() @ w).to(x_dtype)
-    if ctx.needs_input_grad[5]:
-        grad_bias = grad_out.float().reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias, None
+        w = _nf4_dequantize_op(Nf4DequantizeInputs(a.data, a.absmax, a.blocksize, a.shape, torch.float32), ctx.backend)
+        grads["x"] = (grad_out.float() @ w).to(ctx.x_dtype)
+    if _nf4_matmul_op.needs_grad(ctx, "bias"):
+        grads["bias"] = grad_out.float().reshape(-1, a.shape[0]).sum(0).to(ctx.bias_dtype)
+    return _nf4_matmul_op.grads(**grads)
 
 
 _nf4_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)

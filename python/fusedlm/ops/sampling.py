@@ -8,6 +8,11 @@ size-k heap, top-p by a mass histogram over value buckets, then an inverse-CDF d
 parallel), ``triton`` (``kernels/sampling.py``: one program per row, bisection on the value
 threshold) and ``cuda`` (``csrc/cuda/sampling.cu``: one block per row, the same bisection).
 
+Inputs: both ops take one record, :class:`SamplingInputs`, mirrored by their custom ops' schemas
+(``ops/_records.py``). The cpu and cuda backends are one function: ``fusedlm._C`` and
+``fusedlm._cuda`` take the same args struct (``csrc/common/args.h``: ``SamplingArgs``, whose fields
+are the record's and the outputs), picked by the logits' device.
+
 Randomness: each call draws one 63-bit seed from ``generator`` (advancing it; the device's default
 generator when None), and row ``r`` draws with the uniform ``SplitMix64(seed + (r + 1) * GOLDEN)``,
 so a row's token does not depend on the other rows, and the same generator state replays the same
@@ -22,12 +27,14 @@ differed, both at such a boundary, and no token did.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 
 from ..reference import sampling as ref
 from . import _checks
-from ._backends import Dispatcher, cpu_module, cuda_module
+from ._backends import Dispatcher
+from ._records import record_op
 
 _STATUS = {
     1: "logits must not contain NaN",
@@ -35,6 +42,17 @@ _STATUS = {
     3: "every row of logits / temperature needs a finite value; row {row} is all -inf",
     4: "logits / temperature overflows to +inf in row {row}; use a larger temperature",
 }
+
+
+class SamplingInputs(NamedTuple):
+    """The inputs of ``fusedlm::sample`` and ``fusedlm::filter_logits`` (their schemas: these fields,
+    then the backend), each parameter one value per row as :func:`_params` made it."""
+
+    logits: torch.Tensor  # [B, V], any row stride
+    temperature: torch.Tensor  # float32 [B] (0 = greedy)
+    top_k: torch.Tensor  # int64 [B] (0 = off)
+    top_p: torch.Tensor  # float64 [B] (1 = off)
+    seed: int  # the call's seed (reference.sampling.draw_seed); 0 for filter_logits, which draws nothing
 
 
 def _raise_on_status(status: torch.Tensor) -> None:
@@ -45,83 +63,62 @@ def _raise_on_status(status: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: (logits, per-row params, seed, want tokens?, want filtered?) -> (tokens, filtered)
+# Backends: (SamplingInputs, want tokens?, want filtered?) -> (tokens, filtered)
 # ---------------------------------------------------------------------------------------------
 _run = Dispatcher("sample")
 
 
 @_run.register("reference")
-def _run_reference(logits, temperature, top_k, top_p, seed, tokens: bool, filtered: bool):
-    tok = ref.sample_with_seed(logits, seed, temperature, top_k, top_p) if tokens else None
-    out = ref.filter_logits(logits, temperature, top_k, top_p) if filtered else None
+def _run_reference(a: SamplingInputs, tokens: bool, filtered: bool):
+    params = (a.temperature, a.top_k, a.top_p)
+    tok = ref.sample_with_seed(a.logits, a.seed, *params) if tokens else None
+    out = ref.filter_logits(a.logits, *params) if filtered else None
     return tok, out
 
 
 @_run.register("cpu")
-def _run_cpu(logits, temperature, top_k, top_p, seed, tokens: bool, filtered: bool):
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    B, V = logits.shape
-    tok = torch.empty(B, dtype=torch.int64) if tokens else None
-    out = torch.empty(B, V, dtype=torch.float32) if filtered else None
-    status = torch.empty(B, dtype=torch.int32)
-    cpu_module().sampling_run(_checks.cpu_args(
-        "SamplingArgs", logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, tokens=tok,
-        filtered=out, status=status, num_threads=_checks.num_threads(),
-    ))
+@_run.register("cuda")
+def _run_compiled(a: SamplingInputs, tokens: bool, filtered: bool):
+    """csrc/cpu/sampling.cpp or csrc/cuda/sampling.cu, by the logits' device."""
+    logits = a.logits if a.logits.stride(-1) == 1 else a.logits.contiguous()
+    rows, vocab = logits.shape
+    device = logits.device
+    tok = torch.empty(rows, dtype=torch.int64, device=device) if tokens else None
+    out = torch.empty(rows, vocab, dtype=torch.float32, device=device) if filtered else None
+    status = torch.empty(rows, dtype=torch.int32, device=device)
+    _checks.launch("sampling_run", "SamplingArgs", device, **a._replace(logits=logits)._asdict(), tokens=tok,
+                   filtered=out, status=status)
     _raise_on_status(status)
     return tok, out
 
 
 @_run.register("triton")
-def _run_triton(logits, temperature, top_k, top_p, seed, tokens: bool, filtered: bool):
+def _run_triton(a: SamplingInputs, tokens: bool, filtered: bool):
     from ..kernels import sampling as kernels
 
-    tok, out, status = kernels.sample(logits.contiguous(), temperature, top_k, top_p, seed, tokens, filtered)
+    tok, out, status = kernels.sample(a.logits.contiguous(), a.temperature, a.top_k, a.top_p, a.seed, tokens, filtered)
     _raise_on_status(status)
     return tok, out
 
 
-@_run.register("cuda")
-def _run_cuda(logits, temperature, top_k, top_p, seed, tokens: bool, filtered: bool):
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    B, V = logits.shape
-    dev = logits.device
-    tok = torch.empty(B, dtype=torch.int64, device=dev) if tokens else None
-    out = torch.empty(B, V, dtype=torch.float32, device=dev) if filtered else None
-    status = torch.empty(B, dtype=torch.int32, device=dev)
-    cuda_module().sampling_run(
-        logits.data_ptr(), _checks.DTYPE_CODES[logits.dtype], B, V, logits.stride(0), temperature.data_ptr(),
-        top_k.data_ptr(), top_p.data_ptr(), seed, 0 if tok is None else tok.data_ptr(),
-        0 if out is None else out.data_ptr(), status.data_ptr(), torch.cuda.current_stream(dev).cuda_stream,
-    )
-    _raise_on_status(status)
-    return tok, out
-
-
-@torch.library.custom_op("fusedlm::sample", mutates_args=())
-def _sample_op(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: int, backend: str
-) -> torch.Tensor:
-    return _run(backend, logits, temperature, top_k, top_p, seed, True, False)[0]
+@record_op("fusedlm::sample", SamplingInputs)
+def _sample_op(a: SamplingInputs, backend: str) -> torch.Tensor:
+    return _run(backend, a, True, False)[0]
 
 
 @_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, seed, backend):
-    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
+def _(a: SamplingInputs, backend: str):
+    return a.logits.new_empty(a.logits.shape[:1], dtype=torch.int64)
 
 
-@torch.library.custom_op("fusedlm::filter_logits", mutates_args=())
-def _filter_logits_op(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, backend: str
-) -> torch.Tensor:
-    return _run(backend, logits, temperature, top_k, top_p, 0, False, True)[1]
+@record_op("fusedlm::filter_logits", SamplingInputs)
+def _filter_logits_op(a: SamplingInputs, backend: str) -> torch.Tensor:
+    return _run(backend, a, False, True)[1]
 
 
 @_filter_logits_op.register_fake
-def _(logits, temperature, top_k, top_p, backend):
-    return logits.new_empty(logits.shape, dtype=torch.float32)
+def _(a: SamplingInputs, backend: str):
+    return a.logits.new_empty(a.logits.shape, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +197,7 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, generat
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     backend = _run.choose(logits.device)
-    return _sample_op(logits.detach(), t, k, p, seed, backend)
+    return _sample_op(SamplingInputs(logits=logits.detach(), temperature=t, top_k=k, top_p=p, seed=seed), backend)
 
 
 def filter_logits(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
@@ -213,4 +210,4 @@ def filter_logits(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0) 
     if logits.shape[0] == 0:
         return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     backend = _run.choose(logits.device)
-    return _filter_logits_op(logits.detach(), t, k, p, backend)
+    return _filter_logits_op(SamplingInputs(logits=logits.detach(), temperature=t, top_k=k, top_p=p, seed=0), backend)

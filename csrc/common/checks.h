@@ -1,0 +1,113 @@
+// The boundary checks of each args struct (common/args.h), run by every entry point, CPU
+// (cpu/<op>.cpp) and CUDA (cuda/<op>.cu) alike, before a kernel reads a pointer. Python checked
+// every argument first, so a failure here (std::invalid_argument, a ValueError in Python) means a
+// bug on the Python side; what they guarantee is that the kernels read and write only within the
+// sizes they get. They read the views' sizes and strides, never the memory behind them, except
+// check_lora, which reads the row grouping (the CPU-only op's host buffers).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "common/args.h"
+#include "common/view.h"
+
+namespace fusedlm {
+
+// ---- nf4 ----
+inline void check_nf4_blocks(const Nf4Args& a, int64_t n) {
+  require(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
+          "blocksize must be a power of two in [32, 4096], got " + std::to_string(a.blocksize));
+  check_contiguous(a.data, "data", {DType::U8}, {-1});
+  require(a.data.numel() == (n + 1) / 2, "data must hold " + std::to_string((n + 1) / 2) + " bytes");
+  check_contiguous(a.absmax, "absmax", {DType::F32}, {(n + a.blocksize - 1) / a.blocksize});
+}
+
+// w -> data, absmax
+inline void check_nf4_quantize(const Nf4Args& a) {
+  check_contiguous(a.w, "w", kFloatTypes, {-1});
+  check_nf4_blocks(a, a.w.numel());
+  check_contiguous(a.midpoints, "midpoints", {DType::F32}, {15});
+}
+
+// data, absmax -> out
+inline void check_nf4_dequantize(const Nf4Args& a) {
+  check_contiguous(a.out, "out", kFloatTypes, {-1});
+  check_nf4_blocks(a, a.out.numel());
+  check_contiguous(a.code, "code", {DType::F32}, {16});
+}
+
+// out = x @ W^T + bias for the NF4 weight W [N, K] (data, absmax)
+inline void check_nf4_gemv(const Nf4Args& a) {
+  check_view(a.x, "x", kFloatTypes, {-1, -1});
+  const int64_t M = a.x.size(0), K = a.x.size(1);
+  require(a.x.stride(1) == 1 || K == 1, "x must have unit stride along K");
+  require(K % 32 == 0, "K must be a multiple of 32, got " + std::to_string(K));
+  check_contiguous(a.out, "out", {a.x.dtype}, {M, -1});
+  const int64_t N = a.out.size(1);
+  check_nf4_blocks(a, N * K);
+  check_contiguous(a.code, "code", {DType::F32}, {16});
+  if (a.bias) check_contiguous(a.bias, "bias", {DType::F32}, {N});
+}
+
+// ---- attention ----
+inline void check_attention(const AttentionArgs& a, bool backward) {
+  check_view(a.q, "q", {DType::F32, DType::BF16}, {-1, -1, -1, -1});
+  const int64_t B = a.q.size(0), Hq = a.q.size(1), Nq = a.q.size(2), D = a.q.size(3);
+  check_view(a.k, "k", {a.q.dtype}, {B, -1, -1, D});
+  const int64_t Hkv = a.k.size(1), Nk = a.k.size(2);
+  check_view(a.v, "v", {a.q.dtype}, {B, Hkv, Nk, D});
+  require(Hkv > 0 && Hq % Hkv == 0, "the query heads must be a multiple of the key/value heads");
+  require(a.q.stride(3) == 1 && a.k.stride(3) == 1 && a.v.stride(3) == 1, "q, k and v need unit stride along D");
+  require(a.mask_mode >= 0 && a.mask_mode <= 2, "mask_mode must be 0, 1 or 2");
+  if (a.mask_mode == 1) check_contiguous(a.prefix_len, "prefix_len", {DType::I64}, {B});
+  if (a.key_padding_mask) check_contiguous(a.key_padding_mask, "key_padding_mask", {DType::U8}, {B, Nk});
+  if (a.bias) check_view(a.bias, "bias", {DType::F32}, {B, Hq, Nq, Nk});
+  require(a.dropout_p >= 0.0 && a.dropout_p < 1.0, "dropout_p must be in [0, 1)");
+  check_contiguous(a.lse, "lse", {DType::F32}, {B, Hq, Nq});
+  check_contiguous(a.out, "out", {a.q.dtype}, {B, Hq, Nq, D});
+  if (!backward) return;
+  check_contiguous(a.grad_out, "grad_out", {a.q.dtype}, {B, Hq, Nq, D});
+  check_contiguous(a.dq, "dq", {DType::F32}, {-1, B, Hq, Nq, (D + 15) / 16 * 16});
+  check_contiguous(a.dk, "dk", {DType::F32}, {B, Hkv, Nk, D});
+  check_contiguous(a.dv, "dv", {DType::F32}, {B, Hkv, Nk, D});
+  if (a.dbias) check_contiguous(a.dbias, "dbias", {DType::F32}, {B, Hq, Nq, Nk});
+}
+
+// ---- lora ----
+inline void check_lora(const LoraArgs& a) {
+  check_view(a.x, "x", kFloatTypes, {-1, -1});
+  const int64_t M = a.x.size(0), K = a.x.size(1);
+  require(a.x.stride(1) == 1 || K == 1, "x must have unit stride along K");
+  check_contiguous(a.lora_a, "lora_a", {DType::F32}, {-1, -1, K});
+  const int64_t n_adapters = a.lora_a.size(0), r = a.lora_a.size(1);
+  check_contiguous(a.out, "out", kFloatTypes, {M, -1});
+  const int64_t N = a.out.size(1);
+  check_contiguous(a.lora_bt, "lora_bt", {DType::F32}, {n_adapters, r, N});
+  check_contiguous(a.segments, "segments", {DType::I64}, {n_adapters + 2});
+  if (a.rows) check_contiguous(a.rows, "rows", {DType::I64}, {M});
+  check_contiguous(a.scales, "scales", {DType::F32}, {n_adapters});
+  if (a.bias) check_contiguous(a.bias, "bias", {DType::F32}, {N});
+  check_contiguous(a.h, "h", {DType::F32}, {M, r});
+  if (a.init) check_contiguous(a.init, "init", {a.out.dtype}, {M, N});
+  const int64_t* segments = a.segments.ptr<const int64_t>();
+  require(segments[0] == 0 && segments[n_adapters + 1] == M, "segments must run from 0 to M");
+  for (int64_t s = 0; s <= n_adapters; ++s) require(segments[s] <= segments[s + 1], "segments must not decrease");
+  if (a.rows)
+    for (int64_t i = 0; i < M; ++i) require(a.rows.ptr<const int64_t>()[i] >= 0 && a.rows.ptr<const int64_t>()[i] < M, "rows must lie in [0, M)");
+}
+
+// ---- sampling ----
+inline void check_sampling(const SamplingArgs& a) {
+  check_view(a.logits, "logits", kFloatTypes, {-1, -1});
+  const int64_t B = a.logits.size(0), V = a.logits.size(1);
+  require(a.logits.stride(1) == 1 || V == 1, "logits must have unit stride along the vocabulary");
+  require(V < (int64_t{1} << 31), "the vocabulary must have fewer than 2^31 entries");
+  check_contiguous(a.temperature, "temperature", {DType::F32}, {B});
+  check_contiguous(a.top_k, "top_k", {DType::I64}, {B});
+  check_contiguous(a.top_p, "top_p", {DType::F64}, {B});
+  check_contiguous(a.status, "status", {DType::I32}, {B});
+  if (a.tokens) check_contiguous(a.tokens, "tokens", {DType::I64}, {B});
+  if (a.filtered) check_contiguous(a.filtered, "filtered", {DType::F32}, {B, V});
+}
+
+}  // namespace fusedlm
