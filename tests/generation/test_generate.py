@@ -5,7 +5,7 @@ import torch
 from fusedlm.generation import generate
 from fusedlm.generation.processors import no_repeat_ngram, repetition_penalty
 from fusedlm.models import DecoderLM, Seq2SeqLM, get_config
-from fusedlm.models.layers import current_routing
+from fusedlm.models.routing import current_routing
 
 
 def _model(cls, name):

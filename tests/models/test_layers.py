@@ -5,7 +5,8 @@ import torch
 
 from fusedlm import ops
 from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
-from fusedlm.models.layers import current_routing, token_logprobs
+from fusedlm.models.logprobs import token_logprobs
+from fusedlm.models.routing import current_routing
 
 DECODERS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny"]
 

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from ..models.layers import token_logprobs
+from ..models.logprobs import token_logprobs
 from .generate import generate
 from .retrieval import Hit, Retriever
 

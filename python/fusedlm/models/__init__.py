@@ -7,7 +7,8 @@ every attention is ``fusedlm.ops.attention``.
 from .config import PRESETS, ModelConfig, get_config
 from .decoder import DecoderLM
 from .encoder import EncoderLM
-from .layers import KVCache, ModelOutput
+from .cache import KVCache
+from .inputs import ModelOutput
 from .params import count_parameters
 from .seq2seq import Seq2SeqLM
 

@@ -12,7 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import ModelOutput, Stack, check_ids, lm_loss, routing, token_inputs
+from .inputs import ModelOutput, check_ids, token_inputs
+from .logprobs import lm_loss
+from .routing import routing
+from .stack import Stack
 
 
 class EncoderLM(nn.Module):

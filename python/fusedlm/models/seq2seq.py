@@ -12,7 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import KVCache, ModelOutput, Stack, lm_loss, routing, token_inputs
+from .cache import KVCache
+from .inputs import ModelOutput, token_inputs
+from .logprobs import lm_loss
+from .routing import routing
+from .stack import Stack
 
 
 class Seq2SeqLM(nn.Module):

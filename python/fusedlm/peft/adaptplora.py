@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..models.layers import current_routing, routing
+from ..models.routing import current_routing, routing
 from ..nn import NF4Linear
 from .lora import _base_weight, check_hparams, freeze_base, positive_int, scaling_of
 from .prompts import PromptModel, _check_model, token_init

@@ -15,7 +15,7 @@ B zero, so an adapted model starts equal to its base); s = alpha / r (rsLoRA: al
 The base layer is an ``nn.Linear`` or a 4-bit :class:`fusedlm.nn.NF4Linear` (QLoRA).
 
 Mixed batches: ``adapter_ids`` (LongTensor [B], index = the order adapters were added, -1 = none)
-reach the layers through ``fusedlm.models.layers.current_routing()``; each layer then makes ONE
+reach the layers through ``fusedlm.models.routing.current_routing()``; each layer then makes ONE
 ``ops.lora_linear`` call for the whole batch, with its adapters stacked into ``lora_a [A, r_max, K]``
 and ``lora_b [A, N, r_max]``. Adapters of different ranks are zero-padded to the largest rank: the
 padded rows of A and columns of B contribute exact zeros (and get no gradient: the padding is made
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..models.layers import current_routing
+from ..models.routing import current_routing
 from ..nn import NF4Linear
 from .targets import find_targets, set_module
 

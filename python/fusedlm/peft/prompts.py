@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..models import DecoderLM, EncoderLM, Seq2SeqLM
-from ..models.layers import ModelOutput
+from ..models.inputs import ModelOutput
 from .lora import freeze_base, positive_int
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")

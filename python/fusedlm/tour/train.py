@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import token_logprobs
+from ..models.logprobs import token_logprobs
 from .context import Context
 from .data import right_pad
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..models.layers import token_logprobs
+from ..models.logprobs import token_logprobs
 from . import distributed, losses
 from .reward import RewardModel
 
