@@ -105,7 +105,7 @@ class Attention(nn.Module):
             k, v = self._heads(self.k_proj(memory), self.n_kv_heads), self._heads(self.v_proj(memory), self.n_kv_heads)
             k, v = _prepend(prefix, k, v)  # (B, Hkv, [P +] M, D)
             if cache is not None:
-                cache.cross[self.index] = (k, v)
+                k, v = cache.set_cross(self.index, k, v)
         dropout_p = self.dropout_p if self.training else 0.0
         extra = {"dropout_p": dropout_p} if dropout_p > 0 else {}
         y = ops.attention(q, k, v, mask=mask, prefix_len=prefix_len, key_padding_mask=key_padding_mask, bias=bias,

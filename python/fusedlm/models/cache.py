@@ -13,13 +13,14 @@ class KVCache:
     k, v: (L, B, Hkv, max_len, D); mask (B, max_len): True where the key is a real token;
     seen (B,): real tokens so far per row (the next position of a pad-aware model); length: tokens
     written (the same for every row: batches are left-padded); n_prefix: how many of them are
-    prefix-tuning keys/values (written by the first call); cross: per layer, the encoder's
-    projected keys/values for cross-attention, and cross_mask (B, [P +] M) their padding mask
-    (computed at the first step).
+    prefix-tuning keys/values; cross: per layer, the encoder's projected keys/values for
+    cross-attention, and cross_mask (B, [P +] M) their padding mask (both set at the first step).
 
-    A model's forward calls :meth:`extend` once (reserving the slots of its new tokens) and
-    :meth:`append` once per layer; generation strategies call :meth:`reorder` (beam search,
-    expansion to beams or candidates) and :meth:`truncate`. Nothing else changes the cache.
+    The cache owns every write to itself: :meth:`add_prefix` writes prefix keys/values into an
+    empty cache; a model's forward calls :meth:`extend` once (reserving the slots of its new
+    tokens) and :meth:`append` once per layer; a decoder's cross-attention calls :meth:`set_cross`
+    (and the stack :meth:`cross_padding`) at the first step; generation strategies call
+    :meth:`reorder` (beam search, expansion to beams or candidates) and :meth:`truncate`.
     """
 
     def __init__(self, config: ModelConfig, n_layers: int, batch: int, max_len: int, dtype=torch.float32, device=None):
@@ -37,6 +38,30 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    def add_prefix(self, prefix_kv) -> int:
+        """Writes prefix keys/values, one (k, v) per layer, each (B, Hkv, P, D), as P real tokens
+        every later query sees (prefix tuning); the cache must be empty. Returns P."""
+        if self.length:
+            raise ValueError("prefix_kv goes with the first call on an empty cache (it is kept there); "
+                             f"this cache already holds {self.length} tokens")
+        p = check_prefix_kv("prefix_kv", prefix_kv, self.k.shape[0], self.batch, self.k.shape[2], self.k.shape[4])
+        self.extend(torch.ones(self.batch, p, dtype=torch.bool, device=self.mask.device))
+        for i, (k, v) in enumerate(prefix_kv):
+            self.append(i, k, v)
+        self.n_prefix = p
+        return p
+
+    def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keeps `layer`'s cross-attention keys/values (B, Hkv, M, D), projected at the first step; returns them."""
+        self.cross[layer] = (k, v)
+        return k, v
+
+    def cross_padding(self, make) -> torch.Tensor:
+        """The cross-attention key padding mask (B, [P +] M): ``make()`` at the first step, kept after."""
+        if self.cross_mask is None:
+            self.cross_mask = make()
+        return self.cross_mask
 
     def extend(self, mask: torch.Tensor) -> int:
         """Reserves the slots of N new tokens (mask (B, N), True = real) and returns how many
@@ -81,3 +106,16 @@ class KVCache:
         self.length = length
         self.mask[:, length:] = False
         self.seen = self.mask.long().sum(1)
+
+
+def check_prefix_kv(name: str, prefix_kv, n_layers: int, b: int, n_kv_heads: int, head_dim: int) -> int:
+    """prefix_kv: n_layers pairs (k, v), each (B, Hkv, P, D), one P for all; returns P."""
+    if not isinstance(prefix_kv, (list, tuple)) or len(prefix_kv) != n_layers:
+        got = f"{len(prefix_kv)} entries" if isinstance(prefix_kv, (list, tuple)) else type(prefix_kv).__name__
+        raise ValueError(f"{name} must be a list of {n_layers} (k, v) pairs, one per layer, got {got}")
+    p = prefix_kv[0][0].shape[2] if prefix_kv[0][0].dim() == 4 else -1
+    want = (b, n_kv_heads, p, head_dim)
+    for i, kv in enumerate(prefix_kv):
+        if len(kv) != 2 or any(tuple(t.shape) != want for t in kv):
+            raise ValueError(f"{name}[{i}] must be (k, v), each [B, Hkv, P, D] = {list(want)}, got {[list(t.shape) for t in kv]}")
+    return p

@@ -9,22 +9,9 @@ import torch
 import torch.nn as nn
 
 from .blocks import Block, make_norm
-from .cache import KVCache
+from .cache import KVCache, check_prefix_kv
 from .config import ModelConfig
 from .positions import RelativeBias, positions_for, rope_angles, sinusoidal_table
-
-
-def _check_prefix_kv(name: str, prefix_kv, n_layers: int, b: int, config: ModelConfig) -> int:
-    """prefix_kv: n_layers pairs (k, v), each (B, Hkv, P, D), one P for all; returns P."""
-    if not isinstance(prefix_kv, (list, tuple)) or len(prefix_kv) != n_layers:
-        got = f"{len(prefix_kv)} entries" if isinstance(prefix_kv, (list, tuple)) else type(prefix_kv).__name__
-        raise ValueError(f"{name} must be a list of {n_layers} (k, v) pairs, one per layer, got {got}")
-    p = prefix_kv[0][0].shape[2] if prefix_kv[0][0].dim() == 4 else -1
-    want = (b, config.n_kv_heads, p, config.head_dim)
-    for i, kv in enumerate(prefix_kv):
-        if len(kv) != 2 or any(tuple(t.shape) != want for t in kv):
-            raise ValueError(f"{name}[{i}] must be (k, v), each [B, Hkv, P, D] = {list(want)}, got {[list(t.shape) for t in kv]}")
-    return p
 
 
 class Stack(nn.Module):
@@ -61,15 +48,9 @@ class Stack(nn.Module):
         applied to the last, as Hugging Face reports them)."""
         cfg = self.config
         b, n, _ = x.shape
-        n_prefix = 0 if prefix_kv is None else _check_prefix_kv("prefix_kv", prefix_kv, len(self.blocks), b, cfg)
         if cache is not None and prefix_kv is not None:
-            if cache.length:
-                raise ValueError("prefix_kv goes with the first call on an empty cache (it is kept there); "
-                                 f"this cache already holds {cache.length} tokens")
-            cache.extend(torch.ones(b, n_prefix, dtype=torch.bool, device=x.device))
-            for i, (k, v) in enumerate(prefix_kv):
-                cache.append(i, k, v)
-            cache.n_prefix = n_prefix
+            cache.add_prefix(prefix_kv)
+        n_prefix = 0 if prefix_kv is None else _prefix_length(prefix_kv, len(self.blocks), b, cfg)
         if cache is not None:
             seen, n_prefix = cache.seen, cache.n_prefix
             past = cache.extend(mask)
@@ -122,16 +103,20 @@ class Stack(nn.Module):
     def _memory_mask(self, memory, memory_mask, cross_prefix_kv, cache) -> torch.Tensor | None:
         """The cross-attention key padding mask (B, [P +] M), or None when every key is real; with
         a cache, computed at the first step and kept in it."""
-        if cache is not None and cache.cross_mask is not None:
-            if cross_prefix_kv is not None:
-                raise ValueError("cross_prefix_kv goes with the first decoder step only (the cache keeps it)")
-            mask = cache.cross_mask
-        else:
+        if cache is not None and cache.cross_mask is not None and cross_prefix_kv is not None:
+            raise ValueError("cross_prefix_kv goes with the first decoder step only (the cache keeps it)")
+
+        def make() -> torch.Tensor:
             b = memory.shape[0]
             mask = memory_mask.bool() if memory_mask is not None else memory.new_ones(memory.shape[:2], dtype=torch.bool)
             if cross_prefix_kv is not None:
-                p = _check_prefix_kv("cross_prefix_kv", cross_prefix_kv, len(self.blocks), b, self.config)
+                p = _prefix_length(cross_prefix_kv, len(self.blocks), b, self.config, "cross_prefix_kv")
                 mask = torch.cat([mask.new_ones(b, p), mask], dim=1)  # (B, P + M)
-            if cache is not None:
-                cache.cross_mask = mask
+            return mask
+
+        mask = make() if cache is None else cache.cross_padding(make)
         return None if bool(mask.all()) else mask
+
+
+def _prefix_length(prefix_kv, n_layers: int, b: int, config: ModelConfig, name: str = "prefix_kv") -> int:
+    return check_prefix_kv(name, prefix_kv, n_layers, b, config.n_kv_heads, config.head_dim)
