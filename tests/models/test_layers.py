@@ -66,18 +66,18 @@ def test_prefix_kv_equals_continuing_after_those_tokens(name):
     a, b = _ids(n=4, seed=1), _ids(n=5, seed=2)
     full = model(torch.cat([a, b], 1)).logits[:, 4:]
     prefix = _prefix_of(model, a)
-    torch.testing.assert_close(model(b, prefix_kv=prefix).logits, full, atol=1e-5, rtol=1e-5)
-    cache = model.new_cache(3, 9)
-    steps = [model(b[:, :3], prefix_kv=prefix, cache=cache).logits]
+    torch.testing.assert_close(model(b, cache=model.new_cache(3, 5, prefix_kv=prefix)).logits, full, atol=1e-5, rtol=1e-5)
+    cache = model.new_cache(3, 5, prefix_kv=prefix)
+    steps = [model(b[:, :3], cache=cache).logits]
     assert cache.length == 7 and cache.n_prefix == 4
     steps += [model(b[:, i : i + 1], cache=cache).logits for i in (3, 4)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="first call"):
-        model(b[:, :1], prefix_kv=prefix, cache=cache)
+        cache.add_prefix(prefix)
     with pytest.raises(ValueError, match=r"prefix_kv\[0\] must be"):
-        model(b, prefix_kv=[(k, v[:, :, :1]) for k, v in prefix])
+        model.new_cache(3, 5, prefix_kv=[(k, v[:, :, :1]) for k, v in prefix])
     with pytest.raises(ValueError, match="one per layer"):
-        model(b, prefix_kv=prefix[:1])
+        model.new_cache(3, 5, prefix_kv=prefix[:1])
 
 
 @torch.no_grad()
@@ -86,11 +86,11 @@ def test_prefix_kv_with_padding_and_prefix_lm():
     a, b, mask = _ids(n=3, seed=1), _ids(n=6, seed=2), _left_padded(n=6)
     prefix = _prefix_of(model, a)
     full = model(torch.cat([a, b], 1), attention_mask=torch.cat([torch.ones(3, 3, dtype=torch.bool), mask], 1)).logits
-    got = model(b, attention_mask=mask, prefix_kv=prefix).logits
+    got = model(b, attention_mask=mask, cache=model.new_cache(3, 6, prefix_kv=prefix)).logits
     torch.testing.assert_close(got[mask], full[:, 3:][mask], atol=1e-5, rtol=1e-5)
     # prefix_len counts the sequence's own tokens: the prefix keys come before them (a cache
     # continuation counts every key before it, so the same keys are prefix_len=5 there)
-    got = model(b, prefix_len=2, prefix_kv=prefix).logits
+    got = model(b, prefix_len=2, cache=model.new_cache(3, 6, prefix_kv=prefix)).logits
     cache = model.new_cache(3, 9)
     model(a, cache=cache)
     want = model(b, prefix_len=5, cache=cache).logits
@@ -104,7 +104,7 @@ def test_seq2seq_prefixes(name):
     src, dec = _ids(n=6), _ids(n=5, seed=3)
     # encoder prefix: extra keys/values every source token sees
     prefix = [(torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)) for _ in range(2)]
-    mem = model.encode(src, encoder_prefix_kv=prefix)
+    mem = model.encode(src, cache=model.new_cache(3, 6, prefix_kv=prefix, encoder=True))
     assert mem.shape == (3, 6, 64) and (mem - model.encode(src)).abs().max() > 1e-3
     # cross prefix = keys/values of extra memory rows: equals attending to the concatenated memory
     memory = model.encode(src)
@@ -112,15 +112,15 @@ def test_seq2seq_prefixes(name):
     cross = [(blk.cross_attn._heads(blk.cross_attn.k_proj(extra), 4), blk.cross_attn._heads(blk.cross_attn.v_proj(extra), 4))
              for blk in model.decoder.blocks]
     want = model(decoder_input_ids=dec, encoder_out=torch.cat([extra, memory], 1)).logits
-    got = model(decoder_input_ids=dec, encoder_out=memory, cross_prefix_kv=cross).logits
+    got = model(decoder_input_ids=dec, encoder_out=memory, cache=model.new_cache(3, 5, cross_prefix_kv=cross)).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # ... and with the cache, decoding one token at a time (the cache keeps the prefix and its mask)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, 4:] = False
     want = model(decoder_input_ids=dec, encoder_out=torch.cat([extra, memory], 1),
                  attention_mask=torch.cat([torch.ones(3, 2, dtype=torch.bool), mask], 1)).logits
-    cache = model.new_cache(3, 5)
-    steps = [model(decoder_input_ids=dec[:, :1], encoder_out=memory, attention_mask=mask, cross_prefix_kv=cross, cache=cache).logits]
+    cache = model.new_cache(3, 5, cross_prefix_kv=cross)
+    steps = [model(decoder_input_ids=dec[:, :1], encoder_out=memory, attention_mask=mask, cache=cache).logits]
     steps += [model(decoder_input_ids=dec[:, i : i + 1], encoder_out=memory, attention_mask=mask, cache=cache).logits for i in range(1, 5)]
     torch.testing.assert_close(torch.cat(steps, 1), want, atol=1e-5, rtol=1e-5)
     # decoder self-attention prefix
@@ -129,7 +129,8 @@ def test_seq2seq_prefixes(name):
     c = model.new_cache(3, 2)
     model(decoder_input_ids=a, encoder_out=memory, cache=c)
     prefix = [(c.k[i].clone(), c.v[i].clone()) for i in range(2)]
-    torch.testing.assert_close(model(decoder_input_ids=dec, encoder_out=memory, prefix_kv=prefix).logits, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(decoder_input_ids=dec, encoder_out=memory, cache=model.new_cache(3, 5, prefix_kv=prefix)).logits,
+                               full, atol=1e-5, rtol=1e-5)
     # inputs_embeds on both sides
     torch.testing.assert_close(model(inputs_embeds=model.embed(src), decoder_inputs_embeds=model.embed(dec)).logits,
                                model(src, decoder_input_ids=dec).logits)
@@ -145,7 +146,7 @@ def test_encoder_inputs_embeds_prefix_and_no_logits():
     assert bare.logits is None
     torch.testing.assert_close(bare.last_hidden_state, out.last_hidden_state)
     prefix = [(torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)) for _ in range(2)]
-    assert (model(ids, prefix_kv=prefix).last_hidden_state - out.last_hidden_state).abs().max() > 1e-3
+    assert (model(ids, cache=model.new_cache(3, 7, prefix_kv=prefix)).last_hidden_state - out.last_hidden_state).abs().max() > 1e-3
     with pytest.raises(ValueError, match="return_logits"):
         model(ids, labels=ids, return_logits=False)
 

@@ -48,11 +48,12 @@ def _library_sublayer(h, x, norm, adapter, ln_before):
     return norm(out + x) if norm is not None else out + x
 
 
-def _library_block(block, kind, x, self_args, cross_args=None):
+def _library_block(block, kind, x, *, memory=None, memory_padding_mask=None, **self_args):
     """One block as the library computes it: Houlsby adapts attention and FFN, Pfeiffer the FFN."""
     subs = [("attn", block.attn_norm, lambda y: block.attn(y, **self_args))]
-    if cross_args is not None:
-        subs.append(("cross_attn", block.cross_norm, lambda y: block.cross_attn(y, **cross_args)))
+    if memory is not None:
+        subs.append(("cross_attn", block.cross_norm, lambda y: block.cross_attn(
+            y, attn_mode="bidirectional", key_padding_mask=memory_padding_mask, cache=self_args["cache"], memory=memory)))
     subs.append(("mlp", block.mlp_norm, block.mlp))
     for name, norm, f in subs:
         h = f(norm(x)) if block.pre_norm else f(x)
@@ -72,7 +73,8 @@ def test_every_block_computes_what_the_adapters_library_computes(kind, name):
     randomize(m, ".adapter.", std=0.2)
     blocks = [mod for path, mod in m.named_modules() if path.rsplit(".", 2)[-2:-1] == ["blocks"]]
     seen = []  # (block, its inputs, its output) of the adapted forward
-    hooks = [b.register_forward_hook(lambda mod, args, out: seen.append((mod, args, out))) for b in blocks]
+    hooks = [b.register_forward_hook(lambda mod, args, kwargs, out: seen.append((mod, args, kwargs, out)), with_kwargs=True)
+             for b in blocks]
     ids, mask = batch()
     adapted = run(m, ids, mask)
     for h in hooks:
@@ -80,8 +82,8 @@ def test_every_block_computes_what_the_adapters_library_computes(kind, name):
     assert len(seen) == len(blocks)
     with peft.disable(m):  # the model's own sublayers, no hook acting: the library's formula by hand
         assert not torch.allclose(run(m, ids, mask), adapted, atol=1e-3)
-        for block, args, out in seen:
-            assert_close(_library_block(block, kind, *args), out)
+        for block, args, kwargs, out in seen:
+            assert_close(_library_block(block, kind, *args, **kwargs), out)
 
 
 def test_bad_arguments():

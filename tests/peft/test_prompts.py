@@ -45,7 +45,7 @@ def test_prompt_output_is_the_model_on_prepended_embeddings(method):
     if method == "prefix-proj":  # per layer (k, v) from the table viewed (P, 2L, Hkv, D)
         flat = pm.prompt_encoder()
         kv = flat.view(P, 4, 2, 16).permute(1, 2, 0, 3)[:, None].expand(4, 3, 2, P, 16)
-        ref = m(ids, labels=labels, prefix_kv=[(kv[0], kv[1]), (kv[2], kv[3])])
+        ref = m(ids, labels=labels, cache=m.new_cache(3, ids.shape[1], prefix_kv=[(kv[0], kv[1]), (kv[2], kv[3])]))
         assert_close(out.logits, ref.logits)
     else:
         x = torch.cat([pm.prompt_encoder()[None].expand(3, P, 64), m.embed(ids)], dim=1)

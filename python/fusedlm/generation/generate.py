@@ -103,8 +103,8 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
             scores in beam search) instead of the ids.
         **model_kwargs: passed to every model call (``adapter_ids`` / ``task_ids`` of a mixed PEFT
             batch, ``prefix_len``, ...); tensors with a leading batch dimension B follow the rows
-            (repeated for beams / return sequences / candidates). ``prefix_kv`` /
-            ``cross_prefix_kv`` go with the first call only, ``encoder_prefix_kv`` to the encoder.
+            (repeated for beams / return sequences / candidates). The KV cache is the model's
+            ``new_cache``: a prefix-tuned model's holds its prefix keys/values.
 
     Raises ValueError (naming the argument) for out-of-range values, a mask of the wrong shape,
     num_return_sequences > num_beams, beam sampling (do_sample with num_beams > 1: not supported).

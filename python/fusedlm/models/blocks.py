@@ -57,20 +57,12 @@ class MLP(nn.Module):
         return self.down_proj(self.dropout(h))
 
 
-def _prepend(prefix, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values (B, Hkv, N, D) with prefix = (k, v) (B, Hkv, P, D) placed before them, if any."""
-    if prefix is None:
-        return k, v
-    return torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, Hkv, P + N, D)
-
-
 class Attention(nn.Module):
     """Multi-head attention with GQA over ``ops.attention``: q_proj, k_proj, v_proj, o_proj.
 
     Self-attention projects x; cross-attention (``cross=True``) projects the queries from x and the
-    keys/values from the encoder output ``memory``, once per generation (kept in the cache).
-    ``prefix`` (k, v), each (B, Hkv, P, D), are keys/values placed before the projected ones
-    (prefix tuning); with a cache, the stack has already written them into it.
+    keys/values from the encoder output ``memory``, once per generation (kept in the cache). With
+    a cache, the keys/values it holds (earlier tokens, a prefix) come before the new ones.
     """
 
     def __init__(self, config: ModelConfig, index: int, cross: bool = False):
@@ -89,26 +81,28 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, n_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, D)
 
-    def forward(self, x, *, mask="causal", prefix_len=None, key_padding_mask=None, bias=None, rope=None,
-                cache: KVCache | None = None, memory: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, attn_mode: str = "causal", prefix_len=None,
+                key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None, rope=None,
+                cache: KVCache | None = None, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, d) -> (B, N, d). attn_mode, prefix_len, key_padding_mask (over every key the
+        layer sees), bias: as ``ops.attention`` takes them; rope: (cos, sin) of the new tokens."""
         b, n, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, N, D)
         if not self.cross:
             k, v = self._heads(self.k_proj(x), self.n_kv_heads), self._heads(self.v_proj(x), self.n_kv_heads)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            # (B, Hkv, past + N, D): the cache holds the prefix, if any, from the first call
-            k, v = cache.append(self.index, k, v) if cache is not None else _prepend(prefix, k, v)
+            if cache is not None:
+                k, v = cache.append(self.index, k, v)  # (B, Hkv, past + N, D)
         elif cache is not None and cache.cross[self.index] is not None:
             k, v = cache.cross[self.index]  # the encoder's keys/values, projected at the first step
         else:
             k, v = self._heads(self.k_proj(memory), self.n_kv_heads), self._heads(self.v_proj(memory), self.n_kv_heads)
-            k, v = _prepend(prefix, k, v)  # (B, Hkv, [P +] M, D)
             if cache is not None:
-                k, v = cache.set_cross(self.index, k, v)
+                k, v = cache.set_cross(self.index, k, v)  # (B, Hkv, [P +] M, D)
         dropout_p = self.dropout_p if self.training else 0.0
         extra = {"dropout_p": dropout_p} if dropout_p > 0 else {}
-        y = ops.attention(q, k, v, mask=mask, prefix_len=prefix_len, key_padding_mask=key_padding_mask, bias=bias,
+        y = ops.attention(q, k, v, mask=attn_mode, prefix_len=prefix_len, key_padding_mask=key_padding_mask, bias=bias,
                           scale=self.scale, **extra)
         return self.o_proj(y.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))  # (B, N, d)
 
@@ -126,10 +120,19 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(config), MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, self_args: dict, cross_args: dict | None = None) -> torch.Tensor:
-        sublayers = [(self.attn_norm, lambda y: self.attn(y, **self_args))]
-        if cross_args is not None:
-            sublayers.append((self.cross_norm, lambda y: self.cross_attn(y, **cross_args)))
+    def forward(self, x: torch.Tensor, *, attn_mode: str, prefix_len=None, key_padding_mask: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, rope=None, cache: KVCache | None = None,
+                memory: torch.Tensor | None = None, memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, d) -> (B, N, d). Self-attention takes attn_mode, prefix_len, key_padding_mask,
+        bias, rope and the cache; cross-attention (a decoder with memory) reads memory (B, M, d)
+        with memory_padding_mask, bidirectionally."""
+        sublayers = [(self.attn_norm, lambda y: self.attn(y, attn_mode=attn_mode, prefix_len=prefix_len,
+                                                          key_padding_mask=key_padding_mask, bias=bias, rope=rope,
+                                                          cache=cache))]
+        if memory is not None:
+            sublayers.append((self.cross_norm, lambda y: self.cross_attn(y, attn_mode="bidirectional",
+                                                                         key_padding_mask=memory_padding_mask,
+                                                                         cache=cache, memory=memory)))
         sublayers.append((self.mlp_norm, self.mlp))
         for norm, f in sublayers:
             x = x + self.dropout(f(norm(x))) if self.pre_norm else norm(x + self.dropout(f(x)))

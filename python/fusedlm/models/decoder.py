@@ -33,9 +33,11 @@ class DecoderLM(nn.Module):
         self.decoder = Stack(config, config.n_layers, causal=True)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
+        """An empty cache for `max_len` tokens, or one holding prefix keys/values (per layer (k, v),
+        each (B, Hkv, P, D): prefix tuning) and room for `max_len` tokens after them."""
         p = self.tok_embed.weight
-        return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device)
+        return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device, prefix_kv=prefix_kv)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
@@ -47,15 +49,15 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, prefix_len=None,
-                prefix_kv=None, labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, last_logits_only: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) — or inputs_embeds (B, N, d) — the new tokens (all of them, or those
         after the cache's); attention_mask (B, N) for these tokens (the cache remembers earlier
         ones). position_ids (B, N): explicit positions (default: pad-aware counting, see the module
         docstring). prefix_len (int or (B,)): keys before it are seen by every query (mask "prefix");
-        required when config.mask is "prefix". prefix_kv: per layer (k, v) (B, Hkv, P, D) seen by
-        every query, counted as P past tokens (prefix tuning; with a cache, on the first call only).
+        required when config.mask is "prefix". cache: the keys/values before these tokens (see
+        :meth:`new_cache`: earlier calls, a prefix that counts as P past tokens); written to.
         adapter_ids / task_ids (B,): published to PEFT layers (see layers.routing).
         last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
         return_logits=False: no logits (hidden states only)."""
@@ -68,8 +70,8 @@ class DecoderLM(nn.Module):
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
         with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.decoder(x, mask, attn_mask="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
-                                     position_ids=position_ids, prefix_kv=prefix_kv, cache=cache)
+            h, hidden = self.decoder(x, mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
+                                     position_ids=position_ids, cache=cache)
             logits = None
             if return_logits:
                 logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)

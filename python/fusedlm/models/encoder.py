@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .cache import KVCache
 from .inputs import ModelOutput, check_ids, token_inputs
 from .logprobs import lm_loss
 from .routing import routing
@@ -36,18 +37,26 @@ class EncoderLM(nn.Module):
         self.classifier = nn.Linear(d, config.n_labels) if config.head == "classifier" else None
         self.classifier_dropout = nn.Dropout(config.dropout)  # on the pooled vector, as BERT's classifier
 
+    def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
+        """A cache holding prefix keys/values (per layer (k, v), each (B, Hkv, P, D)) for a forward
+        of up to `max_len` tokens after them."""
+        p = self.tok_embed.weight
+        return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device, prefix_kv=prefix_kv)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
         return self.tok_embed(input_ids) * self.config.embed_scale
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, prefix_kv=None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, labels: torch.Tensor | None = None,
                 adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) or inputs_embeds (B, N, d); labels: (B, N) token ids for the MLM head
-        (-100 ignored), (B,) classes for the classifier. prefix_kv, position_ids, adapter_ids,
-        task_ids: as in DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
+        (-100 ignored), (B,) classes for the classifier. cache: a KVCache holding prefix
+        keys/values every token sees (prefix tuning; see :meth:`new_cache`). position_ids,
+        adapter_ids, task_ids: as in DecoderLM.forward. return_logits=False: hidden states (and
+        pooled) only."""
         cfg = self.config
         x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if token_type_ids is not None:
@@ -55,8 +64,8 @@ class EncoderLM(nn.Module):
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
         with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.encoder(x, mask, attn_mask="bidirectional", token_type_ids=token_type_ids,
-                                     position_ids=position_ids, prefix_kv=prefix_kv)
+            h, hidden = self.encoder(x, mask, attn_mode="bidirectional", token_type_ids=token_type_ids,
+                                     position_ids=position_ids, cache=cache)
             pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
             logits, loss = None, None
             if cfg.head == "lm" and return_logits:

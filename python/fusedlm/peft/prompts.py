@@ -9,7 +9,8 @@ Each returns a :class:`PromptModel` wrapping the (frozen) model; the base model 
 it. Prompt tuning and P-tuning make ``n_virtual_tokens`` embeddings (B, P, d) that enter through
 ``inputs_embeds`` before the tokens' own embeddings (``model.embed``); the attention mask gets P ones
 in front, labels P times -100. Prefix tuning makes per-layer keys/values (B, Hkv, P, D) that enter
-through the model's ``prefix_kv``: every query sees them, and they count as P past tokens. In both,
+through a KV cache holding them (``model.new_cache(..., prefix_kv=...)``): every query sees them,
+and they count as P past tokens. In both,
 real tokens' positions start at P, as in peft; a pad-aware model (left padding) counts real
 tokens only, so a left-padded row equals the row alone. (peft drops ``position_ids`` for prompt
 tuning / P-tuning, so its left-padded rows shift by their padding; pass ``position_ids`` here to
@@ -22,9 +23,9 @@ feeds decoder self-attention only (peft replaces the cross-attention cache by an
 decoder layer i reads the prefix slot (2i mod L) of the L = config.n_layers slots: peft duplicates
 the 2L key/value tensors and regroups them four at a time. Kept as is for file compatibility.
 
-Generation: the wrapper's :meth:`new_cache` sizes the cache for the P extra slots; the first call
-(empty cache) injects the virtual tokens, later calls pass through, so
-``fusedlm.generation.generate(pm, ids, ...)`` runs on it unchanged.
+Generation: the wrapper's :meth:`new_cache` holds the prefix keys/values (prefix tuning) or has
+room for the P virtual tokens the first call puts in (prompt tuning, P-tuning); calls on a cache
+that holds tokens pass through, so ``fusedlm.generation.generate(pm, ids, ...)`` runs on it unchanged.
 
 Shapes and names mirror peft's modules (their state dicts load one into the other):
 ``PromptEmbedding.embedding`` (T, d); P-tuning's ``PromptEncoder``: ``embedding`` (T, d) then
@@ -160,9 +161,23 @@ class PromptModel(nn.Module):
         return [(kv[(4 * i) % (2 * n_slots)], kv[(4 * i + 1) % (2 * n_slots)]) for i in range(cfg.n_decoder_layers)]
 
     def new_cache(self, batch: int, max_len: int):
-        """The wrapped model's cache, with room for the P virtual tokens where they go into it."""
-        extra = 0 if self.peft_disabled or (self.seq2seq and self.method != "prefix_tuning") else self.n_virtual_tokens
-        return self.model.new_cache(batch, max_len + extra)
+        """The wrapped model's cache for `max_len` tokens: holding the prefix (prefix tuning), or with
+        room for the P virtual tokens the first call puts in (a decoder's prompt tuning / P-tuning)."""
+        if self.peft_disabled:
+            return self.model.new_cache(batch, max_len)
+        if self.method == "prefix_tuning":
+            return self.model.new_cache(batch, max_len, prefix_kv=self.prefix_kv(batch, self._dtype(), decoder=self.seq2seq))
+        return self.model.new_cache(batch, max_len + (0 if self.seq2seq else self.n_virtual_tokens))
+
+    def _with_prefix(self, cache, b: int, n: int):
+        """A cache holding the prefix keys/values: `cache` if it does (from :meth:`new_cache`), the
+        prefix written into it if it is an empty cache of the wrapped model, else a new one with
+        room for n tokens after the prefix."""
+        if cache is None:
+            return self.model.new_cache(b, n, prefix_kv=self.prefix_kv(b, self._dtype(), decoder=self.seq2seq))
+        if not cache.n_prefix:
+            cache.add_prefix(self.prefix_kv(b, self._dtype(), decoder=self.seq2seq))
+        return cache
 
     # ---- forward --------------------------------------------------------------------------------
     def _prepend(self, input_ids, inputs_embeds, attention_mask):
@@ -178,13 +193,14 @@ class PromptModel(nn.Module):
             return self._seq2seq(input_ids, **kwargs)
         p = self.n_virtual_tokens
         cache = kwargs.get("cache")
-        if cache is not None and cache.length > 0:  # a later decoding step: the cache holds the virtual tokens
+        if cache is not None and cache.length > cache.n_prefix:  # a later decoding step: the cache holds the virtual tokens
             return self.model(input_ids, **kwargs)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + p
         if self.method == "prefix_tuning":
-            b = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
-            return self.model(input_ids, prefix_kv=self.prefix_kv(b, self._dtype()), **kwargs)
+            tokens = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+            kwargs["cache"] = self._with_prefix(cache, tokens.shape[0], tokens.shape[1])
+            return self.model(input_ids, **kwargs)
         x, mask = self._prepend(input_ids, kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
         b = x.shape[0]
         if kwargs.get("position_ids") is not None:
@@ -208,9 +224,11 @@ class PromptModel(nn.Module):
     def _seq2seq(self, input_ids, *, inputs_embeds=None, attention_mask=None, encoder_out=None, cache=None, **kwargs):
         p = self.n_virtual_tokens
         if self.method == "prefix_tuning":
-            if cache is None or cache.length == 0:
-                b = (input_ids if input_ids is not None else inputs_embeds if inputs_embeds is not None else encoder_out).shape[0]
-                kwargs["prefix_kv"] = self.prefix_kv(b, self._dtype(), decoder=True)
+            if cache is None or cache.length == cache.n_prefix:  # the first decoder call
+                source = next(t for t in (input_ids, inputs_embeds, encoder_out) if t is not None)
+                target = next((t for t in (kwargs.get("decoder_input_ids"), kwargs.get("decoder_inputs_embeds"),
+                               kwargs.get("labels")) if t is not None), None)  # None: the model says what is missing
+                cache = self._with_prefix(cache, source.shape[0], 0 if target is None else target.shape[1])
             return self.model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, encoder_out=encoder_out,
                               cache=cache, **kwargs)
         if encoder_out is None:
