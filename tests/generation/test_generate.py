@@ -5,7 +5,7 @@ import torch
 from fusedlm.generation import generate
 from fusedlm.generation.processors import no_repeat_ngram, repetition_penalty
 from fusedlm.models import DecoderLM, Seq2SeqLM, get_config
-from fusedlm.models.routing import current_routing
+from fusedlm.peft import routing
 
 
 def _model(cls, name):
@@ -69,9 +69,9 @@ def test_bad_types(llama):
 
 def _record_routing(model, seen):
     def hook(module, args):
-        r = current_routing()
+        r = routing.current_routing()
         seen.append(None if r.adapter_ids is None else r.adapter_ids.tolist())
-    return model.decoder.blocks[0].attn.q_proj.register_forward_pre_hook(hook)  # inside the model's routing()
+    return model.decoder.blocks[0].attn.q_proj.register_forward_pre_hook(hook)  # inside the model's forward, routed
 
 
 @pytest.mark.parametrize("mode,rows", [
@@ -81,9 +81,9 @@ def _record_routing(model, seen):
     (dict(penalty_alpha=0.5, top_k=3), [5, 5, 5, 7, 7, 7]),  # the candidates' step
 ])
 @pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_per_row_model_kwargs_follow_the_rows(llama, t5, arch, mode, rows):
+def test_per_row_model_kwargs_follow_the_rows(arch, mode, rows):
     """adapter_ids of a mixed PEFT batch reach every model call, repeated for beams / samples / candidates."""
-    model = llama if arch == "llama" else t5
+    model = routing.install(_model(DecoderLM, "llama-tiny") if arch == "llama" else _model(Seq2SeqLM, "t5-tiny"))
     seen = []
     handle = _record_routing(model, seen)
     try:

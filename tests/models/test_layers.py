@@ -1,12 +1,11 @@
 """The model-layer features that PEFT, generation and training build on: inputs_embeds, explicit
-positions, prefix keys/values, the cache's reorder/truncate, dropout, routing, token log-probs."""
+positions, prefix keys/values, the cache's reorder/truncate, dropout, token log-probs."""
 import pytest
 import torch
 
 from fusedlm import ops
 from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
 from fusedlm.models.logprobs import token_logprobs
-from fusedlm.models.routing import current_routing
 
 DECODERS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny"]
 
@@ -196,25 +195,6 @@ def test_dropout_is_training_only_and_reaches_attention(monkeypatch):
     assert (a - ref).abs().max() > 1e-3
     with pytest.raises(ValueError, match="dropout must be in"):
         get_config("gpt2-tiny", dropout=1.0)
-
-
-def test_routing_is_visible_inside_the_forward_only():
-    model = _model(DecoderLM, "llama-tiny")
-    seen = []
-    model.decoder.blocks[0].attn.q_proj.register_forward_hook(lambda *_: seen.append(current_routing()))
-    ids = _ids()
-    with torch.no_grad():
-        model(ids, adapter_ids=torch.tensor([0, -1, 1]), task_ids=torch.tensor([1, 1, 0]))
-        model(ids)
-    assert seen[0].adapter_ids.tolist() == [0, -1, 1] and seen[0].task_ids.tolist() == [1, 1, 0]
-    assert seen[1].adapter_ids is None and seen[1].task_ids is None
-    assert current_routing().adapter_ids is None
-    with pytest.raises(ValueError, match=r"adapter_ids must have shape \[B\] = \[3\]"):
-        model(ids, adapter_ids=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="task_ids must be >= -1"):
-        model(ids, task_ids=torch.tensor([0, -2, 0]))
-    with pytest.raises(TypeError, match="adapter_ids must be an integer tensor"):
-        model(ids, adapter_ids=torch.zeros(3))
 
 
 def test_token_logprobs_and_hidden_only_forward():

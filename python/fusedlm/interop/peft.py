@@ -40,6 +40,7 @@ from torch import nn
 from ..models import Seq2SeqLM
 from ..peft import lora as lora_mod
 from ..peft.prompts import PrefixEncoder, PromptEmbedding, PromptEncoder, PromptModel, wrap
+from ..peft import routing
 from ..peft.targets import set_module, target_of
 from . import hf
 
@@ -229,6 +230,7 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
         _layer(inner, path, state).set_weights(name, a, b, s, float(config.get("lora_dropout", 0.0)))
     if state.active is None:
         state.active = name
+    routing.install(inner)  # adapter_ids of a mixed batch
     return model
 
 

@@ -19,7 +19,6 @@ from .config import ModelConfig
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
 from .logprobs import lm_loss
-from .routing import routing
 from .stack import Stack
 
 
@@ -50,7 +49,6 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, prefix_len=None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, last_logits_only: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) — or inputs_embeds (B, N, d) — the new tokens (all of them, or those
         after the cache's); attention_mask (B, N) for these tokens (the cache remembers earlier
@@ -58,7 +56,7 @@ class DecoderLM(nn.Module):
         docstring). prefix_len (int or (B,)): keys before it are seen by every query (mask "prefix");
         required when config.mask is "prefix". cache: the keys/values before these tokens (see
         :meth:`new_cache`: earlier calls, a prefix that counts as P past tokens); written to.
-        adapter_ids / task_ids (B,): published to PEFT layers (see layers.routing).
+
         last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
         return_logits=False: no logits (hidden states only)."""
         cfg = self.config
@@ -69,12 +67,11 @@ class DecoderLM(nn.Module):
             raise ValueError("labels need the logits of every position: drop last_logits_only")
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.decoder(x, mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
-                                     position_ids=position_ids, cache=cache)
-            logits = None
-            if return_logits:
-                logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
+        h, hidden = self.decoder(x, mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
+                                 position_ids=position_ids, cache=cache)
+        logits = None
+        if return_logits:
+            logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=True),
                            hidden_states=hidden if output_hidden_states else None)
 

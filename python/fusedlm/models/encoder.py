@@ -15,7 +15,6 @@ from .config import ModelConfig
 from .cache import KVCache
 from .inputs import ModelOutput, check_ids, token_inputs
 from .logprobs import lm_loss
-from .routing import routing
 from .stack import Stack
 
 
@@ -50,31 +49,28 @@ class EncoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, labels: torch.Tensor | None = None,
-                adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) or inputs_embeds (B, N, d); labels: (B, N) token ids for the MLM head
         (-100 ignored), (B,) classes for the classifier. cache: a KVCache holding prefix
-        keys/values every token sees (prefix tuning; see :meth:`new_cache`). position_ids,
-        adapter_ids, task_ids: as in DecoderLM.forward. return_logits=False: hidden states (and
-        pooled) only."""
+        keys/values every token sees (prefix tuning; see :meth:`new_cache`). position_ids: as in
+        DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
         cfg = self.config
         x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if token_type_ids is not None:
             check_ids("token_type_ids", token_type_ids, max(cfg.type_vocab_size, 1))
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.encoder(x, mask, attn_mode="bidirectional", token_type_ids=token_type_ids,
-                                     position_ids=position_ids, cache=cache)
-            pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
-            logits, loss = None, None
-            if cfg.head == "lm" and return_logits:
-                t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
-                weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
-                logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
-                loss = lm_loss(logits, labels, shift=False)
-            elif cfg.head == "classifier" and return_logits:
-                logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)
-                loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        h, hidden = self.encoder(x, mask, attn_mode="bidirectional", token_type_ids=token_type_ids,
+                                 position_ids=position_ids, cache=cache)
+        pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
+        logits, loss = None, None
+        if cfg.head == "lm" and return_logits:
+            t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
+            weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
+            logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
+            loss = lm_loss(logits, labels, shift=False)
+        elif cfg.head == "classifier" and return_logits:
+            logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=loss, pooled=pooled,
                            hidden_states=hidden if output_hidden_states else None)

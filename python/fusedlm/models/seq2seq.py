@@ -15,7 +15,6 @@ from .config import ModelConfig
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
 from .logprobs import lm_loss
-from .routing import routing
 from .stack import Stack
 
 
@@ -44,14 +43,12 @@ class Seq2SeqLM(nn.Module):
         return logits + self.final_logits_bias if self.config.final_logits_bias else logits
 
     def encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-               inputs_embeds: torch.Tensor | None = None, cache: KVCache | None = None, adapter_ids: torch.Tensor | None = None,
-               task_ids: torch.Tensor | None = None) -> torch.Tensor:
+               inputs_embeds: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """(B, M) source ids (or inputs_embeds (B, M, d)) -> (B, M, d) encoder output. cache: a
         KVCache of the encoder's layers holding prefix keys/values every source token sees
         (:meth:`new_cache` with ``encoder=True``)."""
         x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)
-        with routing(x.shape[0], adapter_ids, task_ids):
-            return self.encoder(x, mask, attn_mode="bidirectional", cache=cache)[0]
+        return self.encoder(x, mask, attn_mode="bidirectional", cache=cache)[0]
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: decoder_start_token_id, then labels[:, :-1] (-100 -> pad)."""
@@ -72,19 +69,15 @@ class Seq2SeqLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
                 decoder_inputs_embeds: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, encoder_out: torch.Tensor | None = None, cache: KVCache | None = None,
-                adapter_ids: torch.Tensor | None = None,
-                task_ids: torch.Tensor | None = None, output_hidden_states: bool = False, last_logits_only: bool = False,
-                return_logits: bool = True) -> ModelOutput:
+                output_hidden_states: bool = False, last_logits_only: bool = False, return_logits: bool = True) -> ModelOutput:
         """Either input_ids / inputs_embeds (encoded here) or encoder_out (B, M, d) from :meth:`encode`;
         attention_mask (B, M) is the source's. decoder_input_ids (or decoder_inputs_embeds) default
         to labels shifted right. cache: the decoder's (:meth:`new_cache`: earlier steps, prefixes of
-        self- and cross-attention).
-        adapter_ids / task_ids (B,): published to PEFT layers (see layers.routing)."""
+        self- and cross-attention)."""
         if encoder_out is None:
             if input_ids is None and inputs_embeds is None:
                 raise ValueError("pass input_ids, inputs_embeds or encoder_out")
-            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, adapter_ids=adapter_ids,
-                                      task_ids=task_ids)
+            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels")
@@ -95,10 +88,9 @@ class Seq2SeqLM(nn.Module):
             raise ValueError("labels need the logits of every position: drop last_logits_only")
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.decoder(x, mask, attn_mode="causal", cache=cache, memory=encoder_out,
-                                     memory_padding_mask=attention_mask)
-            logits = self.head(h[:, -1:] if last_logits_only else h) if return_logits else None  # (B, N or 1, V)
+        h, hidden = self.decoder(x, mask, attn_mode="causal", cache=cache, memory=encoder_out,
+                                 memory_padding_mask=attention_mask)
+        logits = self.head(h[:, -1:] if last_logits_only else h) if return_logits else None  # (B, N or 1, V)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=False),
                            hidden_states=hidden if output_hidden_states else None, encoder_last_hidden_state=encoder_out)
 

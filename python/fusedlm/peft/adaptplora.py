@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..models.routing import current_routing, routing
 from ..nn import NF4Linear
 from .lora import _base_weight, check_hparams, freeze_base, positive_int, scaling_of
 from .prompts import PromptModel, _check_model, token_init
+from .routing import current_routing, install, routing
 from .targets import find_targets, set_module
 
 
@@ -116,8 +116,7 @@ class AdaPtLoRAModel(PromptModel):
     def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, task_ids=None, **kwargs):
         b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         task_ids = self._task_ids(task_ids, b)
-        with routing(b, task_ids=task_ids):
-            return super().encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, task_ids=task_ids, **kwargs)
+        return super().encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, task_ids=task_ids, **kwargs)
 
 
 def gated_layers(model: nn.Module) -> list[tuple[str, GatedLoraLinear]]:
@@ -138,7 +137,7 @@ def apply_adaptplora(model: nn.Module, *, n_tasks: int, n_prompt_tokens: int = 8
         set_module(model, path, GatedLoraLinear(module, n_tasks, r, alpha, dropout, bool(rslora)))
     init = None if init_token_ids is None else token_init(model, init_token_ids, length)
     prompts = TaskPrompts(n_tasks, length, model.config.d_model, init).to(model.tok_embed.weight.device)
-    return AdaPtLoRAModel(model, prompts, n_tasks)
+    return AdaPtLoRAModel(install(model), prompts, n_tasks)
 
 
 @torch.no_grad()

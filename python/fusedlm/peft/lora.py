@@ -15,14 +15,15 @@ B zero, so an adapted model starts equal to its base); s = alpha / r (rsLoRA: al
 The base layer is an ``nn.Linear`` or a 4-bit :class:`fusedlm.nn.NF4Linear` (QLoRA).
 
 Mixed batches: ``adapter_ids`` (LongTensor [B], index = the order adapters were added, -1 = none)
-reach the layers through ``fusedlm.models.routing.current_routing()``; each layer then makes ONE
-``ops.lora_linear`` call for the whole batch, with its adapters stacked into ``lora_a [A, r_max, K]``
-and ``lora_b [A, N, r_max]``. Adapters of different ranks are zero-padded to the largest rank: the
-padded rows of A and columns of B contribute exact zeros (and get no gradient: the padding is made
-from the parameters by ``F.pad``), and one call keeps the kernel's single pass over the batch, where
-grouping by rank would cost one call per distinct rank. Each adapter's scale enters as its gate
-(``gates[a] = s_a``, ``scaling = 1``). Outside autograd the stacked tensors are cached until a
-parameter changes (decoding re-reads them every step).
+reach the layers through :mod:`fusedlm.peft.routing` (the forward pre-hook apply_lora installs on
+the model); each layer then makes ONE ``ops.lora_linear`` call for the whole batch, with its
+adapters stacked into ``lora_a [A, r_max, K]`` and ``lora_b [A, N, r_max]``. Adapters of different
+ranks are zero-padded to the largest rank: the padded rows of A and columns of B contribute exact
+zeros (and get no gradient: the padding is made from the parameters by ``F.pad``), and one call
+keeps the kernel's single pass over the batch, where grouping by rank would cost one call per
+distinct rank. Each adapter's scale enters as its gate (``gates[a] = s_a``, ``scaling = 1``).
+Outside autograd the stacked tensors are cached until a parameter changes (decoding re-reads them
+every step).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..models.routing import current_routing
 from ..nn import NF4Linear
+from . import routing
 from .targets import find_targets, set_module
 
 
@@ -156,7 +157,7 @@ class LoraLinear(nn.Module):
         state = self._state
         if state.peft_disabled:
             return self.base_layer(x)
-        ids = current_routing().adapter_ids
+        ids = routing.current_routing().adapter_ids
         if ids is not None:
             return self._mixed(x, ids)
         name = state.active
@@ -302,7 +303,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
         module.add(config)
     if state.active is None:
         state.active = name
-    return model
+    return routing.install(model)
 
 
 def _require(model: nn.Module) -> LoraState:

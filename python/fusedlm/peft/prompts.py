@@ -45,6 +45,7 @@ from torch import nn
 from ..models import DecoderLM, EncoderLM, Seq2SeqLM
 from ..models.inputs import ModelOutput
 from .lora import freeze_base, positive_int
+from .routing import routing
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 
@@ -214,12 +215,16 @@ class PromptModel(nn.Module):
         out = self.model(inputs_embeds=x, attention_mask=mask, **kwargs)
         return _strip(out, p, kwargs.get("last_logits_only", False))
 
-    def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, **kwargs) -> torch.Tensor:
-        """Seq2SeqLM: the encoder output (B, [P +] M, d), the virtual tokens first (prompt methods)."""
-        if self.method == "prefix_tuning" or self.peft_disabled:
-            return self.model.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **kwargs)
-        x, mask = self._prepend(input_ids, inputs_embeds, attention_mask)
-        return self.model.encode(inputs_embeds=x, attention_mask=mask, **kwargs)
+    def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, adapter_ids=None, task_ids=None,
+               **kwargs) -> torch.Tensor:
+        """Seq2SeqLM: the encoder output (B, [P +] M, d), the virtual tokens first (prompt methods);
+        adapter_ids / task_ids route the encoder's PEFT layers (see :mod:`.routing`)."""
+        b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        with routing(b, adapter_ids, task_ids):
+            if self.method == "prefix_tuning" or self.peft_disabled:
+                return self.model.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+            x, mask = self._prepend(input_ids, inputs_embeds, attention_mask)
+            return self.model.encode(inputs_embeds=x, attention_mask=mask, **kwargs)
 
     def _seq2seq(self, input_ids, *, inputs_embeds=None, attention_mask=None, encoder_out=None, cache=None, **kwargs):
         p = self.n_virtual_tokens
@@ -232,8 +237,8 @@ class PromptModel(nn.Module):
             return self.model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, encoder_out=encoder_out,
                               cache=cache, **kwargs)
         if encoder_out is None:
-            routing = {k: kwargs[k] for k in ("adapter_ids", "task_ids") if k in kwargs}
-            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **routing)
+            ids = {k: kwargs[k] for k in ("adapter_ids", "task_ids") if k in kwargs}
+            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **ids)
         if attention_mask is not None and attention_mask.shape[1] + p == encoder_out.shape[1]:
             attention_mask = _cat_mask(attention_mask, attention_mask.shape[0], attention_mask.shape[1], p, encoder_out.device)
         return self.model(encoder_out=encoder_out, attention_mask=attention_mask, cache=cache, **kwargs)
