@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
-from .logprobs import lm_loss
+from .logprobs import mean_token_loss
 from .stack import Stack
 
 
@@ -72,7 +72,7 @@ class DecoderLM(nn.Module):
         logits = None
         if return_logits:
             logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
-        return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=True),
+        return ModelOutput(logits=logits, last_hidden_state=h, loss=mean_token_loss(logits, labels, shift=True),
                            hidden_states=hidden if output_hidden_states else None)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .cache import KVCache
 from .inputs import ModelOutput, check_ids, token_inputs
-from .logprobs import lm_loss
+from .logprobs import mean_token_loss
 from .stack import Stack
 
 
@@ -51,7 +51,7 @@ class EncoderLM(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, labels: torch.Tensor | None = None,
                 output_hidden_states: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) or inputs_embeds (B, N, d); labels: (B, N) token ids for the MLM head
-        (-100 ignored), (B,) classes for the classifier. cache: a KVCache holding prefix
+        (IGNORE_INDEX ignored), (B,) classes for the classifier. cache: a KVCache holding prefix
         keys/values every token sees (prefix tuning; see :meth:`new_cache`). position_ids: as in
         DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
         cfg = self.config
@@ -68,7 +68,7 @@ class EncoderLM(nn.Module):
             t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
             weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
             logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
-            loss = lm_loss(logits, labels, shift=False)
+            loss = mean_token_loss(logits, labels, shift=False)
         elif cfg.head == "classifier" and return_logits:
             logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)
             loss = None if labels is None else F.cross_entropy(logits.float(), labels)

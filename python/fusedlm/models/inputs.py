@@ -53,7 +53,7 @@ def token_inputs(model: nn.Module, ids_name: str, input_ids: torch.Tensor | None
 @dataclasses.dataclass
 class ModelOutput:
     """What every model returns. logits: (B, N, V) for LM heads, (B, n_labels) for a classifier,
-    None without a head or with return_logits=False; loss: mean cross-entropy over labels != -100,
+    None without a head or with return_logits=False; loss: mean cross-entropy over the labels (see logprobs),
     when labels are given; hidden_states: embeddings + every block (only with output_hidden_states=True)."""
 
     logits: torch.Tensor | None

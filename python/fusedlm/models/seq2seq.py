@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
-from .logprobs import lm_loss
+from .logprobs import IGNORE_INDEX, mean_token_loss
 from .stack import Stack
 
 
@@ -51,10 +51,10 @@ class Seq2SeqLM(nn.Module):
         return self.encoder(x, mask, attn_mode="bidirectional", cache=cache)[0]
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        """Decoder inputs for teacher forcing: decoder_start_token_id, then labels[:, :-1] (-100 -> pad)."""
+        """Decoder inputs for teacher forcing: decoder_start_token_id, then labels[:, :-1] (IGNORE_INDEX -> pad)."""
         start = self.config.decoder_start_token_id
         shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
-        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id)
 
     def new_cache(self, batch: int, max_len: int, *, prefix_kv=None, cross_prefix_kv=None, encoder: bool = False) -> KVCache:
         """The decoder's cache for `max_len` tokens, or (encoder=True) the encoder's. prefix_kv:
@@ -91,7 +91,7 @@ class Seq2SeqLM(nn.Module):
         h, hidden = self.decoder(x, mask, attn_mode="causal", cache=cache, memory=encoder_out,
                                  memory_padding_mask=attention_mask)
         logits = self.head(h[:, -1:] if last_logits_only else h) if return_logits else None  # (B, N or 1, V)
-        return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=False),
+        return ModelOutput(logits=logits, last_hidden_state=h, loss=mean_token_loss(logits, labels, shift=False),
                            hidden_states=hidden if output_hidden_states else None, encoder_last_hidden_state=encoder_out)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:

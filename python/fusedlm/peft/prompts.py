@@ -44,6 +44,7 @@ from torch import nn
 
 from ..models import DecoderLM, EncoderLM, Seq2SeqLM
 from ..models.inputs import ModelOutput
+from ..models.logprobs import IGNORE_INDEX
 from .lora import freeze_base, positive_int
 from .routing import routing
 
@@ -209,7 +210,7 @@ class PromptModel(nn.Module):
             kwargs["position_ids"] = torch.cat([head, kwargs["position_ids"]], dim=1)
         if kwargs.get("labels") is not None:
             labels = kwargs["labels"]
-            kwargs["labels"] = torch.cat([labels.new_full((b, p), -100), labels], dim=1)
+            kwargs["labels"] = torch.cat([labels.new_full((b, p), IGNORE_INDEX), labels], dim=1)
         if kwargs.get("prefix_len") is not None:  # prefix-LM: the virtual tokens join the bidirectional part
             kwargs["prefix_len"] = kwargs["prefix_len"] + p
         out = self.model(inputs_embeds=x, attention_mask=mask, **kwargs)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..models.logprobs import IGNORE_INDEX
+
 
 class Loader:
     """Infinite iterator of collated micro-batches (epochs wrap around)."""
@@ -81,7 +83,7 @@ def pad_collate(examples: list[dict], *, pad_token_id: int = 0, padding_side: st
         if values[0].dim() == 0:
             batch[key] = torch.stack(values)
             continue
-        fill = pad_token_id if key.endswith("input_ids") else -100 if key.endswith("labels") else 0
+        fill = pad_token_id if key.endswith("input_ids") else IGNORE_INDEX if key.endswith("labels") else 0
         batch[key] = _pad(values, fill, padding_side)
         mask_key = key.replace("input_ids", "attention_mask")
         if key.endswith("input_ids") and mask_key not in examples[0]:

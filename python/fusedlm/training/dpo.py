@@ -17,34 +17,13 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed, losses
 from .data import pad_collate
+from .lm import sequence_logprobs
 from .preference import stack_pairs
 
-IGNORE = -100
 Reference = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens of each row (a decoder: label i + 1 given the
-    tokens up to i) and their counts, (B,) each, float32. A DecoderLM projects only the labelled
-    positions onto the vocabulary."""
-    inner = distributed.unwrap(model)
-    target_all = labels[:, 1:]
-    keep = target_all != IGNORE  # (B, N-1)
-    target = target_all[keep]  # (M,)
-    if hasattr(inner, "head") and inner.config.arch == "decoder":
-        h = model(input_ids, attention_mask=attention_mask, return_logits=False).last_hidden_state
-        logits = inner.head(h[:, :-1][keep])  # (M, V)
-    else:
-        logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
-    token_lp = -F.cross_entropy(logits.float(), target, reduction="none")  # (M,)
-    rows = keep.nonzero()[:, 0]
-    seq = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_lp)
-    return seq, keep.sum(1)
 
 
 def frozen_copy(model: nn.Module) -> Reference:

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-IGNORE = -100
+from ..models.logprobs import IGNORE_INDEX as IGNORE
+
 
 
 def _check_ids(name: str, ids) -> None:

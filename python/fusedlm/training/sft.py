@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-IGNORE = -100
+from ..models.logprobs import IGNORE_INDEX as IGNORE
+
 # one turn: a role header, the content, an end marker. The header is prompt; an assistant's
 # content and end marker are what the model learns to produce.
 CHAT_TEMPLATE = ("<|{role}|>\n", "{content}<|end|>\n")
