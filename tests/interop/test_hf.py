@@ -188,6 +188,10 @@ def test_save_pretrained_refuses_configs_without_a_counterpart(tmp_path):
 
     with pytest.raises(ValueError, match="no counterpart"):
         hf.save_pretrained(DecoderLM(get_config("llama-tiny", positions="sinusoidal")), str(tmp_path))
+    with pytest.raises(ValueError, match="no counterpart"):
+        hf.save_pretrained(DecoderLM(get_config("prefix-lm-tiny")), str(tmp_path))
+    with pytest.raises(ValueError, match=r"attn_mode='prefix'.*no counterpart"):
+        hf.save_pretrained(DecoderLM(get_config("llama-tiny", attn_mode="prefix")), str(tmp_path))
 
 
 def test_missing_files(tmp_path):

@@ -38,7 +38,7 @@ def test_incremental_decoding_equals_full_forward(name):
 
 
 def test_prefix_lm_per_row_prompt_lengths():
-    model = _model("llama-tiny", mask="prefix")
+    model = _model("llama-tiny", attn_mode="prefix")
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     prefix = torch.tensor([3, 6])
     with torch.no_grad():
@@ -56,9 +56,9 @@ def test_prefix_lm_per_row_prompt_lengths():
         assert (out3[0, 4] - out[0, 4]).abs().max() == 0  # row 0: causal after 3, token 4 < 6
         # causal rows equal the causal model when prefix_len is 0 or 1
         causal = model(ids, prefix_len=torch.tensor([1, 0])).logits
-        model.config.mask = "causal"
+        model.config.attn_mode = "causal"
         torch.testing.assert_close(causal, model(ids).logits)
-        model.config.mask = "prefix"
+        model.config.attn_mode = "prefix"
         # decoding after the prefix with the cache equals the full forward
         cache = model.new_cache(2, 8)
         steps = [model(ids[:, :6], prefix_len=prefix, cache=cache).logits]

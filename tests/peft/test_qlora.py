@@ -90,9 +90,9 @@ def test_loads_a_bitsandbytes_4bit_state_dict(tmp_path):
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     with pytest.raises(ValueError, match="quantize the model first"):
-        peft.load_bnb_state_dict(hf.from_pretrained(str(tmp_path)), state)
+        hf.load_bnb_state_dict(hf.from_pretrained(str(tmp_path)), state)
     ours = peft.apply_qlora(hf.from_pretrained(str(tmp_path)), r=4)
-    peft.load_bnb_state_dict(ours, state)
+    hf.load_bnb_state_dict(ours, state)
     lin = ref.model.layers[1].mlp.down_proj
     w_bnb = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
     assert torch.equal(ours.decoder.blocks[1].mlp.down_proj.base_layer.dequantized_weight(), w_bnb)

@@ -75,10 +75,10 @@ def module_map(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
     block linear of `model` (one entry, or n for a stacked checkpoint matrix such as GPT-2's c_attn)."""
     inner = _inner(model)
     cfg = inner.config
-    model_type = hf.guess_model_type(cfg)
-    strip = f"{model_type}." if cfg.arch == "encoder" and cfg.head == "none" else ""  # BertModel has no "bert." prefix
+    family = hf.family_of(cfg)
+    strip = family.base_prefix if cfg.arch == "encoder" and cfg.head == "none" else ""  # BertModel has no "bert." prefix
     out: dict[str, list[tuple[str, int, int]]] = {}
-    for ours, theirs, _, part in hf._table(cfg, model_type):
+    for ours, theirs, _, part in family.table(cfg):
         path = ours.removesuffix(".weight")
         if not ours.endswith(".weight") or target_of(path) is None:
             continue
@@ -188,7 +188,7 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
         key = f"{_PREFIX}{module}.lora_A.weight"
         if module not in mapping:
             raise ValueError(f"adapter key {key!r}: {module!r} is not a block linear of this fusedlm "
-                             f"{hf.guess_model_type(inner.config)} model (its modules look like {next(iter(mapping))!r})")
+                             f"{inner.config.family} model (its modules look like {next(iter(mapping))!r})")
         a, b = pair["A"].float(), pair["B"].float()
         slices = sorted(mapping[module], key=lambda s: s[1])
         layers = [inner.get_submodule(p) for p, _, _ in slices]
@@ -292,7 +292,7 @@ def _lora_files(model: nn.Module, name: str) -> tuple[dict, dict]:
         raise ValueError(f"no LoRA adapter named {name!r} on this model (adapters: {[] if state is None else list(state.adapters)})")
     adapter = state.adapters[name]
     inner = _inner(model)
-    model_type = hf.guess_model_type(inner.config)
+    model_type = inner.config.family
     mapping = module_map(inner)
     tensors, ranks = {}, {}
     for module, slices in mapping.items():

@@ -53,16 +53,16 @@ class DecoderLM(nn.Module):
         """input_ids (B, N) — or inputs_embeds (B, N, d) — the new tokens (all of them, or those
         after the cache's); attention_mask (B, N) for these tokens (the cache remembers earlier
         ones). position_ids (B, N): explicit positions (default: pad-aware counting, see the module
-        docstring). prefix_len (int or (B,)): keys before it are seen by every query (mask "prefix");
-        required when config.mask is "prefix". cache: the keys/values before these tokens (see
+        docstring). prefix_len (int or (B,)): keys before it are seen by every query (attn_mode "prefix");
+        required when config.attn_mode is "prefix". cache: the keys/values before these tokens (see
         :meth:`new_cache`: earlier calls, a prefix that counts as P past tokens); written to.
 
         last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
         return_logits=False: no logits (hidden states only)."""
         cfg = self.config
         x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
-        if cfg.mask == "prefix" and prefix_len is None:
-            raise ValueError("this model's config.mask is 'prefix': pass prefix_len (an int or a LongTensor [B])")
+        if cfg.attn_mode == "prefix" and prefix_len is None:
+            raise ValueError("this model's config.attn_mode is 'prefix': pass prefix_len (an int or a LongTensor [B])")
         if last_logits_only and labels is not None:
             raise ValueError("labels need the logits of every position: drop last_logits_only")
         if labels is not None and not return_logits:
