@@ -20,7 +20,7 @@ import torch
 
 from .beam import beam_search
 from .contrastive import contrastive_search
-from .greedy import decode
+from .sampling import greedy_or_sample
 from .processors import Processors
 from .step import ModelStep, is_seq2seq
 
@@ -189,9 +189,9 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     else:
         per_row = [v.repeat_interleave(num_return_sequences) if isinstance(v, torch.Tensor) else v
                    for v in (temperature, top_k, top_p)]
-        ids, scores = decode(step, prompt, do_sample=do_sample, temperature=per_row[0], top_k=per_row[1], top_p=per_row[2],
-                             generator=generator, num_return_sequences=num_return_sequences, output_scores=output_scores,
-                             **common)
+        ids, scores = greedy_or_sample(step, prompt, do_sample=do_sample, temperature=per_row[0], top_k=per_row[1],
+                                       top_p=per_row[2], generator=generator, num_return_sequences=num_return_sequences,
+                                       output_scores=output_scores, **common)
     if output_scores:
         return GenerateOutput(sequences=ids, scores=scores, sequence_scores=seq_scores)
     return ids
