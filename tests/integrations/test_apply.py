@@ -206,7 +206,7 @@ def test_bnb_4bit_forward_and_generate(tmp_path, double_quant, op_calls):
 def test_bnb_layer_repacked_for_cpu_is_turned_back(double_quant):
     """A layer bitsandbytes already repacked for its CPU kernel: the bytes come back exactly, the
     scales as bitsandbytes' bfloat16 copies, and the patched layer computes with exactly those."""
-    from fusedlm.integrations import bnb as fl_bnb
+    from fusedlm.integrations import nf4
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4")
@@ -221,14 +221,14 @@ def test_bnb_layer_repacked_for_cpu_is_turned_back(double_quant):
     if not bnb.functional.has_avx512bf16():
         pytest.skip("bitsandbytes repacks only on avx512_bf16 CPUs")
     assert layer.weight.quant_state.packing_format_for_cpu
-    fl_bnb.patch(layer)
+    nf4.patch(layer)
     assert torch.equal(layer.weight.data, packed_bytes)
     qw = layer._fusedlm_qweight
     assert not qw.double_quant and torch.equal(qw.absmax, scales.bfloat16().float())
     with torch.no_grad():
         got = layer(x)
     _assert_close(got, x @ ops.nf4_dequantize(qw).T + layer.bias)
-    fl_bnb.unpatch(layer)
+    nf4.unpatch(layer)
     with torch.no_grad():
         layer(x)  # bitsandbytes repacks it again and runs
 

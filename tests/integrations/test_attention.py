@@ -16,7 +16,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 
 from fusedlm.integrations import _masks  # noqa: E402
-from fusedlm.integrations import transformers as fl_transformers  # noqa: E402
+from fusedlm.integrations import attention  # noqa: E402
 
 ATOL = 1e-5
 SLIDING = ("mistral-sliding", "qwen2-sliding")  # a window of 4 under 9-token prompts
@@ -24,7 +24,7 @@ SLIDING = ("mistral-sliding", "qwen2-sliding")  # a window of 4 under 9-token pr
 
 @pytest.fixture(autouse=True)
 def registered():
-    fl_transformers.register()
+    attention.register()
 
 
 @pytest.fixture
@@ -219,7 +219,7 @@ def test_softcapping_falls_back_to_eager():
 
 
 def test_dropout_in_training(fused_calls):
-    """dropout > 0 goes to ops.attention(dropout_p=...) where the op has it, else to sdpa with a warning."""
+    """dropout > 0 goes to ops.attention(dropout_p=...), with no fallback warning."""
     model = make("llama")
     model.config.attention_dropout = 0.5
     for layer in model.model.layers:
@@ -233,35 +233,32 @@ def test_dropout_in_training(fused_calls):
         warnings.simplefilter("always")
         train_logits = model(ids, attention_mask=mask).logits
     assert torch.isfinite(train_logits).all() and not torch.allclose(train_logits, eval_logits)
-    if fl_transformers._OPS_DROPOUT:
-        assert _fallback_warnings(record) == []
-        assert all(c.get("dropout_p") == 0.5 for c in fused_calls[-2:])
-    else:
-        assert any("dropout" in m for m in _fallback_warnings(record))
+    assert _fallback_warnings(record) == []  # ops.attention takes dropout_p: no fallback
+    assert all(c.get("dropout_p") == 0.5 for c in fused_calls[-2:])
 
 
 def test_fused_mask_stays_2d_and_keeps_its_plan():
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :2] = False
-    carrier = fl_transformers.fusedlm_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=mask)
+    carrier = attention.fusedlm_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=mask)
     assert carrier.shape == (2, 6) and carrier._dense is None  # no Nq x Nk mask for a causal pattern
     assert carrier.plan.mode == "causal" and torch.equal(carrier.plan.key_padding_mask, mask)
     assert carrier.contiguous() is carrier and carrier.to("cpu") is carrier
     copy = carrier.clone()
-    assert isinstance(copy, fl_transformers.FusedMask) and copy.plan.mode == "causal"
+    assert isinstance(copy, attention.FusedMask) and copy.plan.mode == "causal"
     assert type(carrier[:, 1:]) is torch.Tensor and type(carrier.float()) is torch.Tensor
     model = make("llama")
     q = torch.randn(2, 4, 6, 8)
     with pytest.raises(ValueError, match="without its plan"):
-        fl_transformers.attention_forward(model.model.layers[0].self_attn, q, q, q, carrier.as_subclass(torch.Tensor))
+        attention.attention_forward(model.model.layers[0].self_attn, q, q, q, carrier.as_subclass(torch.Tensor))
 
 
 def test_mask_shape_mismatch_is_a_clear_error():
     model = make("llama")
-    dense = fl_transformers.fusedlm_mask(batch_size=1, q_length=4, kv_length=4)
+    dense = attention.fusedlm_mask(batch_size=1, q_length=4, kv_length=4)
     q = torch.randn(1, 4, 5, 8)
     with pytest.raises(ValueError, match="built for 4 queries x 4 keys, but the layer has 5 queries x 5 keys"):
-        fl_transformers.attention_forward(model.model.layers[0].self_attn, q, q, q, dense)
+        attention.attention_forward(model.model.layers[0].self_attn, q, q, q, dense)
 
 
 # ---- the plans against transformers' own masks ------------------------------------------------
@@ -293,7 +290,7 @@ def test_plans_match_transformers_masks(case, padded):
     kwargs = dict(batch_size=b, q_length=nq, kv_length=nk, q_offset=q_offset, kv_offset=kv_offset,
                   mask_function=mask_function, attention_mask=attention_mask, local_size=window)
     want = sdpa_mask(**kwargs, allow_is_causal_skip=False).expand(b, 1, nq, nk)
-    carrier = fl_transformers.fusedlm_mask(**kwargs)
+    carrier = attention.fusedlm_mask(**kwargs)
     assert carrier.dim() == 2 and torch.equal(carrier.dense(), want)
     plan = carrier.plan
     if not expressible:
