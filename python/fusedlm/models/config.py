@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import _validate as check
 from .families import FAMILIES
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
@@ -98,10 +99,9 @@ class ModelConfig:
                 self.n_labels = 2
         if self.arch == "encoder-decoder" and self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
-        for name, allowed in (("arch", ARCHS), ("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS), ("attn_mode", ATTN_MODES),
-                              ("head", HEADS)):
-            if getattr(self, name) not in allowed and getattr(self, name) is not None:
-                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS), ("attn_mode", ATTN_MODES), ("head", HEADS)):
+            if getattr(self, name) is not None:
+                check.choice(f"ModelConfig.{name}", getattr(self, name), allowed)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -113,8 +113,7 @@ class ModelConfig:
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         for name in ("dropout", "attn_dropout", "mlp_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+            check.probability(f"ModelConfig.{name}", getattr(self, name), high_open=True)
         if self.head == "classifier" and not self.pooler:
             raise ValueError("head='classifier' needs pooler=True (the head reads the pooled first token)")
         if self.n_labels is not None and self.head != "classifier":
@@ -122,8 +121,7 @@ class ModelConfig:
                              f"got n_labels={self.n_labels} with head={self.head!r}")
 
     def _check_arch_fields(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        check.choice("ModelConfig.arch", self.arch, ARCHS)
         for name, archs in ARCH_FIELDS.items():
             value = getattr(self, name)
             if self.arch not in archs and value is not None and value is not False:

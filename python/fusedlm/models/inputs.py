@@ -8,15 +8,15 @@ import torch
 import torch.nn as nn
 
 
-def check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids must be an integer tensor (B, N), N >= 1, with values in [0, vocab_size)."""
+def check_ids(name: str, ids: torch.Tensor, vocab_size: int | None = None) -> None:
+    """Token ids must be an integer tensor (B, N), N >= 1, with values in [0, vocab_size) when given."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an int64 tensor, got {ids.dtype}")
+        raise TypeError(f"{name} must be an integer (int64) tensor, got {ids.dtype}")
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"{name} must have shape [B, N] with N >= 1, got {list(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if vocab_size is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"{name} must be in [0, vocab_size={vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
 

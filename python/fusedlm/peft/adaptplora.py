@@ -22,9 +22,10 @@ import math
 import torch
 from torch import nn
 
+from .. import _validate as check
 from .. import ops
 from ..nn import NF4Linear
-from .lora import _base_weight, check_hparams, freeze_base, positive_int, scaling_of
+from .lora import _base_weight, check_hparams, freeze_base, scaling_of
 from .prompts import PromptModel, _check_model, token_init
 from .routing import current_routing, install, routing
 from .targets import find_targets, set_module
@@ -128,8 +129,8 @@ def apply_adaptplora(model: nn.Module, *, n_tasks: int, n_prompt_tokens: int = 8
     """Freezes `model`, puts a gated shared LoRA on each of its `targets` and returns the
     :class:`AdaPtLoRAModel` that prepends the per-task prompts (length n_prompt_tokens)."""
     _check_model(model)
-    n_tasks = positive_int("n_tasks", n_tasks)
-    length = positive_int("n_prompt_tokens", n_prompt_tokens)
+    n_tasks = check.positive_int("n_tasks", n_tasks)
+    length = check.positive_int("n_prompt_tokens", n_prompt_tokens)
     r, alpha, dropout = check_hparams(r, alpha, dropout, "adaptplora")
     found = find_targets(model, targets)
     freeze_base(model)
@@ -148,8 +149,7 @@ def freeze_gate(model: nn.Module, task: int, layers=None) -> None:
     if not gated:
         raise ValueError(f"this {type(model).__name__} has no AdaPtLoRA layer")
     n_tasks = next(iter(gated.values())).gate_logits.shape[0]
-    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < n_tasks:
-        raise ValueError(f"task must be an int in [0, {n_tasks}), got {task!r}")
+    check.integer("task", task, low=0, high=n_tasks - 1)
     names = list(gated) if layers is None else list(layers)
     unknown = [n for n in names if n not in gated]
     if unknown:

@@ -30,12 +30,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validate as check
 from .. import ops
 from ..nn import NF4Linear
 from . import routing
@@ -251,24 +251,12 @@ def lora_state(model: nn.Module) -> LoraState | None:
     return layers[0][1]._state if layers else None
 
 
-def positive_int(name: str, value) -> int:
-    """value as an int, > 0 (TypeError / ValueError naming `name` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
-
-
 def check_hparams(r, alpha, dropout, name) -> tuple[int, float, float]:
-    r = positive_int("r", r)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha <= 0:
-        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    """A LoRA adapter's rank (> 0), alpha (> 0), dropout (in [0, 1)) and name (no dots)."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"name must be a non-empty string without dots, got {name!r}")
-    return r, float(alpha), float(dropout)
+    return (check.positive_int("r", r), check.number("alpha", alpha, low=0, low_open=True),
+            check.probability("dropout", dropout, high_open=True))
 
 
 def freeze_base(model: nn.Module) -> None:

@@ -42,10 +42,11 @@ import math
 import torch
 from torch import nn
 
+from .. import _validate as check
 from ..models import DecoderLM, EncoderLM, Seq2SeqLM
 from ..models.inputs import ModelOutput
 from ..models.logprobs import IGNORE_INDEX
-from .lora import freeze_base, positive_int
+from .lora import freeze_base
 from .routing import routing
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
@@ -283,7 +284,7 @@ def apply_prompt_tuning(model, *, n_virtual_tokens: int = 20, init_token_ids=Non
     """Prompt tuning: n_virtual_tokens trainable embeddings before the input (the model frozen).
     Init N(0, 1), or the embeddings of `init_token_ids` repeated and truncated to length."""
     _check_model(model)
-    n = positive_int("n_virtual_tokens", n_virtual_tokens)
+    n = check.positive_int("n_virtual_tokens", n_virtual_tokens)
     rows = n * (2 if isinstance(model, Seq2SeqLM) else 1)
     init = None if init_token_ids is None else token_init(model, init_token_ids, rows)
     return wrap(model, PromptEmbedding(rows, model.config.d_model, init), "prompt_tuning", n)
@@ -294,22 +295,22 @@ def apply_p_tuning(model, *, n_virtual_tokens: int = 20, encoder: str = "MLP", h
     """P-tuning: virtual token embeddings produced by a trainable prompt encoder (``encoder`` "MLP"
     or "LSTM"; hidden_size defaults to d_model, as peft's encoder_hidden_size)."""
     _check_model(model)
-    n = positive_int("n_virtual_tokens", n_virtual_tokens)
+    n = check.positive_int("n_virtual_tokens", n_virtual_tokens)
     d = model.config.d_model
     rows = n * (2 if isinstance(model, Seq2SeqLM) else 1)
-    hidden = d if hidden_size is None else positive_int("hidden_size", hidden_size)
-    return wrap(model, PromptEncoder(rows, d, hidden, encoder, positive_int("num_layers", num_layers), dropout), "p_tuning", n)
+    hidden = d if hidden_size is None else check.positive_int("hidden_size", hidden_size)
+    return wrap(model, PromptEncoder(rows, d, hidden, encoder, check.positive_int("num_layers", num_layers), dropout), "p_tuning", n)
 
 
 def apply_prefix_tuning(model, *, n_virtual_tokens: int = 20, projection: bool = False, hidden_size: int | None = None) -> PromptModel:
     """Prefix tuning: per-layer key/value prefixes (Hkv heads), from a table or (projection=True) the
     reparametrisation MLP; hidden_size defaults to Hkv·D (peft's encoder_hidden_size)."""
     _check_model(model)
-    n = positive_int("n_virtual_tokens", n_virtual_tokens)
+    n = check.positive_int("n_virtual_tokens", n_virtual_tokens)
     cfg = model.config
     if isinstance(model, Seq2SeqLM) and cfg.n_decoder_layers > cfg.n_layers:
         raise ValueError(f"prefix tuning on an encoder-decoder follows peft's layout, which has prefixes for n_layers={cfg.n_layers} "
                          f"decoder layers; this model has n_decoder_layers={cfg.n_decoder_layers}")
     token_dim = cfg.n_kv_heads * cfg.head_dim
-    hidden = None if hidden_size is None else positive_int("hidden_size", hidden_size)
+    hidden = None if hidden_size is None else check.positive_int("hidden_size", hidden_size)
     return wrap(model, PrefixEncoder(n, cfg.n_layers, token_dim, bool(projection), hidden), "prefix_tuning", n)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import _validate as check
 from ..models.logprobs import IGNORE_INDEX
 
 
@@ -23,8 +24,7 @@ class Loader:
                  shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a sequence (len and indexing), got {type(dataset).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check.integer("batch_size", batch_size, low=1)
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.global_batch = batch_size * world_size
@@ -75,8 +75,7 @@ def pad_collate(examples: list[dict], *, pad_token_id: int = 0, padding_side: st
     with 0); an "attention_mask" is added for each "...input_ids" that has none. Scalars stack."""
     if not examples:
         raise ValueError("pad_collate needs at least one example")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    check.choice("padding_side", padding_side, ("right", "left"))
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
         values = [torch.as_tensor(e[key]) for e in examples]

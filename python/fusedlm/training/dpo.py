@@ -91,10 +91,7 @@ class DPO:
         if not callable(reference):
             raise TypeError("reference must be frozen_copy(model), precomputed(), adapters_disabled() or a function "
                             f"(policy, ids, mask, labels, batch) -> (ref_chosen, ref_rejected); got {type(reference).__name__}")
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a number > 0, got {beta!r}")
-        if loss_type not in losses.DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {losses.DPO_LOSS_TYPES}, got {loss_type!r}")
+        losses.check_dpo_hparams(beta, loss_type, label_smoothing)
         self.reference, self.beta, self.loss_type, self.label_smoothing = reference, beta, loss_type, label_smoothing
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
