@@ -80,20 +80,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def prompt_response(tok: Tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """SFT batch: prompt + " " + response + EOS, right-padded; labels only on the response and EOS."""
-    rows, starts = [], []
-    for prompt, response in pairs:
-        p, r = tok.encode(prompt), tok.encode(response) + [tok.eos_id]
-        rows.append(p + r)
-        starts.append(len(p))
-    ids, mask = right_pad(rows, tok.pad_id)
-    labels = ids.masked_fill(~mask, -100)
-    for i, s in enumerate(starts):
-        labels[i, :s] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def generate_text(model, tok: Tokenizer, prompts: list[str], *, batch: int = 32, max_new_tokens: int = 6,
                   **generate_kwargs) -> list[str]:
     """Each prompt's continuation (up to EOS) as text, generated in left-padded batches with
