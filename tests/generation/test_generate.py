@@ -4,23 +4,20 @@ import torch
 
 from fusedlm.generation import generate
 from fusedlm.generation.processors import no_repeat_ngram, repetition_penalty
-from fusedlm.models import DecoderLM, Seq2SeqLM, get_config
+from tiny_models import fused
+
+from fusedlm.models import DecoderLM
 from fusedlm.peft import routing
-
-
-def _model(cls, name):
-    torch.manual_seed(0)
-    return cls(get_config(name)).eval()
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return _model(DecoderLM, "llama-tiny")
+    return fused("llama-tiny", perturb=())
 
 
 @pytest.fixture(scope="module")
 def t5():
-    return _model(Seq2SeqLM, "t5-tiny")
+    return fused("t5-tiny", perturb=())
 
 
 def _ids(b=2, n=5, seed=0):
@@ -83,7 +80,7 @@ def _record_routing(model, seen):
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_per_row_model_kwargs_follow_the_rows(arch, mode, rows):
     """adapter_ids of a mixed PEFT batch reach every model call, repeated for beams / samples / candidates."""
-    model = routing.install(_model(DecoderLM, "llama-tiny") if arch == "llama" else _model(Seq2SeqLM, "t5-tiny"))
+    model = routing.install(fused("llama-tiny", perturb=()) if arch == "llama" else fused("t5-tiny", perturb=()))
     seen = []
     handle = _record_routing(model, seen)
     try:
@@ -148,7 +145,7 @@ def test_mixed_lora_batch_equals_each_adapter_alone(mode):
     """Row i of a mixed batch (adapter_ids) generates what the model with only adapter i generates."""
     from fusedlm import peft
 
-    model = _model(DecoderLM, "llama-tiny")
+    model = fused("llama-tiny", perturb=())
     peft.apply_lora(model, r=4, targets="all", name="a")
     peft.apply_lora(model, r=2, targets=("q", "v"), name="b")
     with torch.no_grad():  # B starts at zero (peft's init): give the adapters an effect
@@ -170,7 +167,7 @@ def test_prompt_tuned_model_generates_with_the_cache():
     """A PromptModel (virtual tokens on the first call) generates what re-running it without a cache gives."""
     from fusedlm import peft
 
-    pm = peft.apply_prompt_tuning(_model(DecoderLM, "llama-tiny"), n_virtual_tokens=4)
+    pm = peft.apply_prompt_tuning(fused("llama-tiny", perturb=()), n_virtual_tokens=4)
     ids = _ids(2, 5)
     out = generate(pm, ids, max_new_tokens=4, eos_token_id=[])
     seq = ids

@@ -4,20 +4,16 @@ import pytest
 import torch
 
 from fusedlm import ops
-from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
+from tiny_models import fused
+
+from fusedlm.models import get_config
 from fusedlm.models.logprobs import token_logprobs
 
 DECODERS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny"]
 
 
-def _model(cls, name, **kw):
-    torch.manual_seed(0)
-    model = cls(get_config(name, **kw)).eval()
-    with torch.no_grad():  # non-trivial norms and biases
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+def _model(name, **kw):
+    return fused(name, perturb=("norm", "bias"), **kw)  # non-trivial norms and biases
 
 
 def _ids(b=3, n=7, seed=0):
@@ -40,7 +36,7 @@ def _prefix_of(model, ids):
 @torch.no_grad()
 @pytest.mark.parametrize("name", DECODERS)
 def test_inputs_embeds_and_position_ids_equal_the_default_path(name):
-    model = _model(DecoderLM, name)
+    model = _model(name)
     ids, mask = _ids(), _left_padded()
     out = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(model(inputs_embeds=model.embed(ids), attention_mask=mask).logits, out)
@@ -61,7 +57,7 @@ def test_inputs_embeds_and_position_ids_equal_the_default_path(name):
 def test_prefix_kv_equals_continuing_after_those_tokens(name):
     """Prefix keys/values count as P past tokens: the tokens after them see exactly what they would
     see after P real tokens, with or without a cache, decoding step by step too."""
-    model = _model(DecoderLM, name)
+    model = _model(name)
     a, b = _ids(n=4, seed=1), _ids(n=5, seed=2)
     full = model(torch.cat([a, b], 1)).logits[:, 4:]
     prefix = _prefix_of(model, a)
@@ -81,7 +77,7 @@ def test_prefix_kv_equals_continuing_after_those_tokens(name):
 
 @torch.no_grad()
 def test_prefix_kv_with_padding_and_prefix_lm():
-    model = _model(DecoderLM, "llama-tiny")
+    model = _model("llama-tiny")
     a, b, mask = _ids(n=3, seed=1), _ids(n=6, seed=2), _left_padded(n=6)
     prefix = _prefix_of(model, a)
     full = model(torch.cat([a, b], 1), attention_mask=torch.cat([torch.ones(3, 3, dtype=torch.bool), mask], 1)).logits
@@ -99,7 +95,7 @@ def test_prefix_kv_with_padding_and_prefix_lm():
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["t5-tiny", "bart-tiny"])
 def test_seq2seq_prefixes(name):
-    model = _model(Seq2SeqLM, name)
+    model = _model(name)
     src, dec = _ids(n=6), _ids(n=5, seed=3)
     # encoder prefix: extra keys/values every source token sees
     prefix = [(torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)) for _ in range(2)]
@@ -137,7 +133,7 @@ def test_seq2seq_prefixes(name):
 
 @torch.no_grad()
 def test_encoder_inputs_embeds_prefix_and_no_logits():
-    model = _model(EncoderLM, "bert-tiny")
+    model = _model("bert-tiny")
     ids = _ids()
     out = model(ids)
     torch.testing.assert_close(model(inputs_embeds=model.embed(ids)).logits, out.logits)
@@ -152,7 +148,7 @@ def test_encoder_inputs_embeds_prefix_and_no_logits():
 
 @torch.no_grad()
 def test_cache_reorder_and_truncate():
-    model = _model(DecoderLM, "llama-tiny")
+    model = _model("llama-tiny")
     ids, mask = _ids(n=6), _left_padded(n=6)
     nxt = _ids(n=1, seed=9)
     cache = model.new_cache(3, 8)
@@ -175,10 +171,10 @@ def test_cache_reorder_and_truncate():
 
 
 def test_dropout_is_training_only_and_reaches_attention(monkeypatch):
-    model = _model(DecoderLM, "gpt2-tiny", dropout=0.2, attn_dropout=0.3, mlp_dropout=0.1)
+    model = _model("gpt2-tiny", dropout=0.2, attn_dropout=0.3, mlp_dropout=0.1)
     ids = _ids()
     with torch.no_grad():
-        ref = _model(DecoderLM, "gpt2-tiny")(ids).logits
+        ref = _model("gpt2-tiny")(ids).logits
         torch.testing.assert_close(model(ids).logits, ref)  # eval: no dropout anywhere
     seen = []
     real = ops.attention
@@ -198,7 +194,7 @@ def test_dropout_is_training_only_and_reaches_attention(monkeypatch):
 
 
 def test_token_logprobs_and_hidden_only_forward():
-    model = _model(DecoderLM, "qwen2-tiny")
+    model = _model("qwen2-tiny")
     ids = _ids()
     labels = ids.clone()
     labels[0, :4] = -100

@@ -1,23 +1,21 @@
 """Pfeiffer and Houlsby bottleneck adapters, placed as the `adapters` library places them."""
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import PRESETS, assert_close, batch, model, randomize, run  # noqa: E402
+from tiny_models import assert_close, batch, fused, randomize, run
 
-from fusedlm import peft  # noqa: E402
-from fusedlm.peft.bottleneck import BottleneckAdapter  # noqa: E402
+from fusedlm import peft
+from fusedlm.peft.bottleneck import BottleneckAdapter
 
+PRESETS = ("llama-tiny", "gpt2-tiny", "t5-tiny", "bert-tiny")
 ALL = PRESETS + ("bart-tiny",)  # pre-norm: llama, gpt2, t5; post-norm: bert, bart
 
 
 @pytest.mark.parametrize("kind", ["pfeiffer", "houlsby"])
 @pytest.mark.parametrize("name", PRESETS)
 def test_identity_at_init_and_gradients(kind, name):
-    m = model(name)
+    m = fused(name)
     ids, mask = batch()
     with torch.no_grad():
         base = run(m, ids, mask)
@@ -68,7 +66,7 @@ def _library_block(block, kind, x, *, memory=None, memory_padding_mask=None, **s
 @pytest.mark.parametrize("name", ALL)
 @torch.no_grad()
 def test_every_block_computes_what_the_adapters_library_computes(kind, name):
-    m = model(name)
+    m = fused(name)
     peft.apply_adapters(m, kind=kind)
     randomize(m, ".adapter.", std=0.2)
     blocks = [mod for path, mod in m.named_modules() if path.rsplit(".", 2)[-2:-1] == ["blocks"]]
@@ -88,12 +86,12 @@ def test_every_block_computes_what_the_adapters_library_computes(kind, name):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="kind"):
-        peft.apply_adapters(model("llama-tiny"), kind="lora")
+        peft.apply_adapters(fused("llama-tiny"), kind="lora")
     with pytest.raises(ValueError, match="reduction"):
-        peft.apply_adapters(model("llama-tiny"), reduction=0)
+        peft.apply_adapters(fused("llama-tiny"), reduction=0)
     with pytest.raises(ValueError, match="activation"):
-        peft.apply_adapters(model("llama-tiny"), activation="softplus")
-    m = peft.apply_adapters(model("llama-tiny"))
+        peft.apply_adapters(fused("llama-tiny"), activation="softplus")
+    m = peft.apply_adapters(fused("llama-tiny"))
     with pytest.raises(ValueError, match="already"):
         peft.apply_adapters(m, kind="houlsby")
     with pytest.raises(ValueError, match="no transformer blocks"):

@@ -1,14 +1,11 @@
 """adapter_ids / task_ids: the forward pre-hook PEFT methods install publishes them to the layers."""
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import model as model_of  # noqa: E402
+from tiny_models import fused
 
-from fusedlm.peft import routing  # noqa: E402
+from fusedlm.peft import routing
 
 
 def _ids(b=3, n=7, seed=0):
@@ -16,7 +13,7 @@ def _ids(b=3, n=7, seed=0):
 
 
 def test_routing_is_visible_inside_the_forward_only():
-    model = routing.install(model_of("llama-tiny"))
+    model = routing.install(fused("llama-tiny"))
     seen = []
     model.decoder.blocks[0].attn.q_proj.register_forward_hook(lambda *_: seen.append(routing.current_routing()))
     ids = _ids()
