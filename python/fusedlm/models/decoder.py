@@ -16,31 +16,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .base import LanguageModel
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
 from .logprobs import mean_token_loss
 from .stack import Stack
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(LanguageModel):
+    arch = "decoder"
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "decoder":
-            raise ValueError(f"DecoderLM needs arch='decoder', got {config.arch!r}")
-        self.config = config
-        self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
+        super().__init__(config)
         self.decoder = Stack(config, config.n_layers, causal=True)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
         """An empty cache for `max_len` tokens, or one holding prefix keys/values (per layer (k, v),
         each (B, Hkv, P, D): prefix tuning) and room for `max_len` tokens after them."""
-        p = self.tok_embed.weight
-        return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device, prefix_kv=prefix_kv)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
-        return self.tok_embed(input_ids) * self.config.embed_scale
+        return self._new_cache(self.config.n_layers, batch, max_len, prefix_kv=prefix_kv)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) of hidden states (..., d) (the tied embedding or lm_head)."""

@@ -12,20 +12,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .base import LanguageModel
 from .cache import KVCache
 from .inputs import ModelOutput, check_ids, token_inputs
 from .logprobs import mean_token_loss
 from .stack import Stack
 
 
-class EncoderLM(nn.Module):
+class EncoderLM(LanguageModel):
+    arch = "encoder"
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "encoder":
-            raise ValueError(f"EncoderLM needs arch='encoder', got {config.arch!r}")
-        self.config = config
+        super().__init__(config)
         d = config.d_model
-        self.tok_embed = nn.Embedding(config.vocab_size, d)
         self.encoder = Stack(config, config.n_layers, causal=False)
         if config.head == "lm":  # dense -> gelu -> LayerNorm -> decoder (tied) + bias
             self.mlm_dense = nn.Linear(d, d)
@@ -39,12 +38,7 @@ class EncoderLM(nn.Module):
     def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
         """A cache holding prefix keys/values (per layer (k, v), each (B, Hkv, P, D)) for a forward
         of up to `max_len` tokens after them."""
-        p = self.tok_embed.weight
-        return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device, prefix_kv=prefix_kv)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
-        return self.tok_embed(input_ids) * self.config.embed_scale
+        return self._new_cache(self.config.n_layers, batch, max_len, prefix_kv=prefix_kv)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,

@@ -12,28 +12,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .base import LanguageModel
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
 from .logprobs import IGNORE_INDEX, mean_token_loss
 from .stack import Stack
 
 
-class Seq2SeqLM(nn.Module):
+class Seq2SeqLM(LanguageModel):
+    arch = "encoder-decoder"
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "encoder-decoder":
-            raise ValueError(f"Seq2SeqLM needs arch='encoder-decoder', got {config.arch!r}")
-        self.config = config
-        self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
+        super().__init__(config)
         self.encoder = Stack(config, config.n_layers, causal=False)
         self.decoder = Stack(config, config.n_decoder_layers, causal=True, cross=True)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.final_logits_bias:
             self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, d) of input_ids (source or target), scale included."""
-        return self.tok_embed(input_ids) * self.config.embed_scale
+
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) of decoder hidden states (..., d): T5's rescale, the (tied) head, BART's bias."""
@@ -60,10 +57,8 @@ class Seq2SeqLM(nn.Module):
         """The decoder's cache for `max_len` tokens, or (encoder=True) the encoder's. prefix_kv:
         per layer (k, v), each (B, Hkv, P, D), before the keys of self-attention (P past tokens);
         cross_prefix_kv: per decoder layer, before the encoder output's keys in cross-attention."""
-        p = self.tok_embed.weight
         n_layers = self.config.n_layers if encoder else self.config.n_decoder_layers
-        return KVCache(self.config, n_layers, batch, max_len, dtype=p.dtype, device=p.device, prefix_kv=prefix_kv,
-                       cross_prefix_kv=cross_prefix_kv)
+        return self._new_cache(n_layers, batch, max_len, prefix_kv=prefix_kv, cross_prefix_kv=cross_prefix_kv)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
