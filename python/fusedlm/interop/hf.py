@@ -66,15 +66,17 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    st, bin_ = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+def read_tensors(path: str, safetensors_name: str = "model.safetensors", bin_name: str = "pytorch_model.bin",
+                 note: str = " (sharded checkpoints are not supported)") -> dict[str, torch.Tensor]:
+    """The tensors of directory `path`: its safetensors file, else its torch.save'd one (weights only)."""
+    st, bin_ = os.path.join(path, safetensors_name), os.path.join(path, bin_name)
     if os.path.exists(st):
         from safetensors.torch import load_file
 
         return load_file(st)
     if os.path.exists(bin_):
         return torch.load(bin_, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin (sharded checkpoints are not supported)")
+    raise FileNotFoundError(f"{path} holds neither {safetensors_name} nor {bin_name}{note}")
 
 
 def lookup(tensors: dict, name: str, family: Family) -> str | None:
@@ -106,7 +108,7 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32, device: st
         hf_config = json.load(f)
     cfg = config_from_hf(hf_config)
     family = FAMILIES[cfg.family]
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     with torch.device("meta"):
         model = build(cfg)
     ours = dict(model.state_dict())

@@ -93,15 +93,7 @@ def _read_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{config_path} does not exist (not a peft adapter directory)")
     with open(config_path) as f:
         config = json.load(f)
-    st, bin_ = os.path.join(path, WEIGHTS_NAME), os.path.join(path, BIN_NAME)
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        tensors = load_file(st)
-    elif os.path.exists(bin_):
-        tensors = torch.load(bin_, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {BIN_NAME}")
+    tensors = hf.read_tensors(path, WEIGHTS_NAME, BIN_NAME, note="")
     return config, tensors
 
 

@@ -24,8 +24,7 @@ from torch import nn
 
 from .. import _validate as check
 from .. import ops
-from ..nn import NF4Linear
-from .lora import _base_weight, check_hparams, freeze_base, scaling_of
+from .lora import _base_weight, adapter_like, check_hparams, freeze_base, scaling_of
 from .prompts import PromptModel, _check_model, token_init
 from .routing import current_routing, install, routing
 from .targets import find_targets, set_module
@@ -36,12 +35,9 @@ class GatedLoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, n_tasks: int, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
-            raise TypeError(f"base_layer must be a torch.nn.Linear or fusedlm.nn.NF4Linear, got {type(base_layer).__name__}")
+        device, dtype = adapter_like(base_layer)
         self.base_layer = base_layer
         k, n = base_layer.in_features, base_layer.out_features
-        dtype = base_layer.weight_dtype if isinstance(base_layer, NF4Linear) else base_layer.weight.dtype
-        device = base_layer.weight.device
         self.lora_A = nn.Linear(k, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, n, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

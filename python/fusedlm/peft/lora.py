@@ -95,6 +95,15 @@ def _base_weight(base: nn.Module):
     return base.qweight if isinstance(base, NF4Linear) else base.weight
 
 
+def adapter_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of an adapter on `base`, an nn.Linear or NF4Linear (TypeError otherwise)."""
+    if isinstance(base, NF4Linear):
+        return base.weight.device, base.weight_dtype
+    if isinstance(base, nn.Linear):
+        return base.weight.device, base.weight.dtype
+    raise TypeError(f"base_layer must be a torch.nn.Linear or fusedlm.nn.NF4Linear, got {type(base).__name__}")
+
+
 class LoraLinear(nn.Module):
     """A linear layer with LoRA adapters: ``base_layer`` plus ``lora_A[name]`` / ``lora_B[name]``.
 
@@ -106,8 +115,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, state: LoraState):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
-            raise TypeError(f"base_layer must be a torch.nn.Linear or fusedlm.nn.NF4Linear, got {type(base_layer).__name__}")
+        adapter_like(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
@@ -120,14 +128,8 @@ class LoraLinear(nn.Module):
         self._stack_cache: tuple | None = None
         self._lut_cache: tuple | None = None
 
-    def _param_like(self) -> tuple[torch.device, torch.dtype]:
-        base = self.base_layer
-        if isinstance(base, NF4Linear):
-            return base.weight.device, base.weight_dtype
-        return base.weight.device, base.weight.dtype
-
     def _new(self, name: str, r: int) -> tuple[nn.Linear, nn.Linear]:
-        device, dtype = self._param_like()
+        device, dtype = adapter_like(self.base_layer)  # the base may have been quantised since
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self._stack_cache = None
