@@ -66,6 +66,14 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
+def read_json(path: str, note: str = "") -> dict:
+    """The JSON file at `path` (FileNotFoundError naming it when it is missing; `note` says what it should be)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist{note}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_tensors(path: str, safetensors_name: str = "model.safetensors", bin_name: str = "pytorch_model.bin",
                  note: str = " (sharded checkpoints are not supported)") -> dict[str, torch.Tensor]:
     """The tensors of directory `path`: its safetensors file, else its torch.save'd one (weights only)."""
@@ -102,11 +110,7 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32, device: st
     """Loads a local Hugging Face checkpoint directory into the matching fusedlm model
     (DecoderLM, EncoderLM or Seq2SeqLM), in eval mode."""
     config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    cfg = config_from_hf(hf_config)
+    cfg = config_from_hf(read_json(config_path))
     family = FAMILIES[cfg.family]
     tensors = read_tensors(path)
     with torch.device("meta"):

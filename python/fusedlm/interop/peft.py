@@ -88,11 +88,7 @@ def module_map(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
 
 
 def _read_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist (not a peft adapter directory)")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = hf.read_json(os.path.join(path, CONFIG_NAME), note=" (not a peft adapter directory)")
     tensors = hf.read_tensors(path, WEIGHTS_NAME, BIN_NAME, note="")
     return config, tensors
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import ModelConfig
@@ -22,6 +23,14 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
         return self.tok_embed(input_ids) * self.config.embed_scale
+
+    def _output_layer(self) -> nn.Linear | None:
+        """The vocabulary projection (d -> V, no bias), or None when it is the token embedding (tied)."""
+        return None if self.config.tie_embeddings else nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
+
+    def _to_vocab(self, h: torch.Tensor, output: nn.Linear | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (..., V) of h (..., d) through `output` (from _output_layer), or the tied embedding."""
+        return F.linear(h, self.tok_embed.weight if output is None else output.weight, bias)
 
     def _new_cache(self, n_layers: int, batch: int, max_len: int, **prefixes) -> KVCache:
         """A KVCache of n_layers in the embedding's dtype and device (prefixes: see KVCache)."""

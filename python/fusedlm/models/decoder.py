@@ -12,8 +12,6 @@ only, as Hugging Face's generate does.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import ModelConfig
 from .base import LanguageModel
@@ -29,7 +27,7 @@ class DecoderLM(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.decoder = Stack(config, config.n_layers, causal=True)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = self._output_layer()
 
     def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
         """An empty cache for `max_len` tokens, or one holding prefix keys/values (per layer (k, v),
@@ -38,7 +36,7 @@ class DecoderLM(LanguageModel):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) of hidden states (..., d) (the tied embedding or lm_head)."""
-        return F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)
+        return self._to_vocab(h, self.lm_head)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, prefix_len=None,

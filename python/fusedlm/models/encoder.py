@@ -29,7 +29,7 @@ class EncoderLM(LanguageModel):
         if config.head == "lm":  # dense -> gelu -> LayerNorm -> decoder (tied) + bias
             self.mlm_dense = nn.Linear(d, d)
             self.mlm_norm = nn.LayerNorm(d, eps=config.norm_eps)
-            self.mlm_decoder = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+            self.mlm_decoder = self._output_layer()
             self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.pooler = nn.Linear(d, d) if config.pooler else None
         self.classifier = nn.Linear(d, config.n_labels) if config.head == "classifier" else None
@@ -60,8 +60,7 @@ class EncoderLM(LanguageModel):
         logits, loss = None, None
         if cfg.head == "lm" and return_logits:
             t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
-            weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
-            logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
+            logits = self._to_vocab(t, self.mlm_decoder, self.mlm_bias)  # (B, N, V)
             loss = mean_token_loss(logits, labels, shift=False)
         elif cfg.head == "classifier" and return_logits:
             logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)

@@ -8,8 +8,6 @@ cross-attention, LM head over the shared token embedding.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import ModelConfig
 from .base import LanguageModel
@@ -26,7 +24,7 @@ class Seq2SeqLM(LanguageModel):
         super().__init__(config)
         self.encoder = Stack(config, config.n_layers, causal=False)
         self.decoder = Stack(config, config.n_decoder_layers, causal=True, cross=True)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = self._output_layer()
         if config.final_logits_bias:
             self.register_buffer("final_logits_bias", torch.zeros(config.vocab_size))
 
@@ -36,7 +34,7 @@ class Seq2SeqLM(LanguageModel):
         """LM logits (..., V) of decoder hidden states (..., d): T5's rescale, the (tied) head, BART's bias."""
         if self.config.rescale_tied_head:
             h = h * self.config.d_model**-0.5
-        logits = F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)
+        logits = self._to_vocab(h, self.lm_head)
         return logits + self.final_logits_bias if self.config.final_logits_bias else logits
 
     def encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,

@@ -83,14 +83,15 @@ def pad_collate(examples: list[dict], *, pad_token_id: int = 0, padding_side: st
             batch[key] = torch.stack(values)
             continue
         fill = pad_token_id if key.endswith("input_ids") else IGNORE_INDEX if key.endswith("labels") else 0
-        batch[key] = _pad(values, fill, padding_side)
+        batch[key] = pad_rows(values, fill, padding_side)
         mask_key = key.replace("input_ids", "attention_mask")
         if key.endswith("input_ids") and mask_key not in examples[0]:
-            batch[mask_key] = _pad([torch.ones(len(v), dtype=torch.long) for v in values], 0, padding_side)
+            batch[mask_key] = pad_rows([torch.ones(len(v), dtype=torch.long) for v in values], 0, padding_side)
     return batch
 
 
-def _pad(values: list[torch.Tensor], fill, side: str) -> torch.Tensor:
+def pad_rows(values: list[torch.Tensor], fill, side: str) -> torch.Tensor:
+    """The 1-D (or more) tensors `values` stacked (B, N, ...), padded with `fill` on `side` ("right" | "left") to the longest."""
     n = max(v.shape[0] for v in values)
     out = values[0].new_full((len(values), n, *values[0].shape[1:]), fill)
     for i, v in enumerate(values):
