@@ -52,14 +52,14 @@ class DecoderLM(LanguageModel):
         last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
         return_logits=False: no logits (hidden states only)."""
         cfg = self.config
-        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
+        x, padding_mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if cfg.attn_mode == "prefix" and prefix_len is None:
             raise ValueError("this model's config.attn_mode is 'prefix': pass prefix_len (an int or a LongTensor [B])")
         if last_logits_only and labels is not None:
             raise ValueError("labels need the logits of every position: drop last_logits_only")
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        h, hidden = self.decoder(x, mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
+        h, hidden = self.decoder(x, padding_mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
                                  position_ids=position_ids, cache=cache)
         logits = None
         if return_logits:

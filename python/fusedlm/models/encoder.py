@@ -49,12 +49,12 @@ class EncoderLM(LanguageModel):
         keys/values every token sees (prefix tuning; see :meth:`new_cache`). position_ids: as in
         DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
         cfg = self.config
-        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
+        x, padding_mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if token_type_ids is not None:
             check_ids("token_type_ids", token_type_ids, max(cfg.type_vocab_size, 1))
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        h, hidden = self.encoder(x, mask, attn_mode="bidirectional", token_type_ids=token_type_ids,
+        h, hidden = self.encoder(x, padding_mask, attn_mode="bidirectional", token_type_ids=token_type_ids,
                                  position_ids=position_ids, cache=cache)
         pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
         logits, loss = None, None

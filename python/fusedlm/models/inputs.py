@@ -20,8 +20,9 @@ def check_ids(name: str, ids: torch.Tensor, vocab_size: int | None = None) -> No
         raise ValueError(f"{name} must be in [0, vocab_size={vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
 
-def check_mask(name: str, mask: torch.Tensor | None, shape: tuple, device) -> torch.Tensor:
-    """An attention mask (B, N) of 0/1 or bool, True/1 = real token; None means all real."""
+def check_padding_mask(name: str, mask: torch.Tensor | None, shape: tuple, device) -> torch.Tensor:
+    """A padding mask (B, N) of 0/1 or bool (an ``attention_mask``), True/1 = real token; None means
+    all real. Returns it as bool."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
@@ -32,7 +33,7 @@ def check_mask(name: str, mask: torch.Tensor | None, shape: tuple, device) -> to
 
 def token_inputs(model: nn.Module, ids_name: str, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                  mask_name: str, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embeddings (B, N, d) and bool mask (B, N) of a model's inputs: exactly one of
+    """The embeddings (B, N, d) and bool padding mask (B, N) of a model's inputs: exactly one of
     input_ids (embedded by ``model.embed``) or inputs_embeds (used as given)."""
     embeds_name = ids_name.replace("input_ids", "inputs_embeds")
     if (input_ids is None) == (inputs_embeds is None):
@@ -47,7 +48,7 @@ def token_inputs(model: nn.Module, ids_name: str, input_ids: torch.Tensor | None
             got = list(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
             raise ValueError(f"{embeds_name} must be a float tensor [B, N, d_model={d}] with N >= 1, got {got}")
         x = inputs_embeds
-    return x, check_mask(mask_name, attention_mask, x.shape[:2], x.device)
+    return x, check_padding_mask(mask_name, attention_mask, x.shape[:2], x.device)
 
 
 @dataclasses.dataclass

@@ -72,12 +72,12 @@ class RelativeBias(nn.Module):
         return F.embedding(buckets, self.weight).permute(2, 0, 1)[None]  # (1, H, Nq, Nk)
 
 
-def positions_for(mask: torch.Tensor, start, pad_aware: bool) -> torch.Tensor:
+def positions_for(padding_mask: torch.Tensor, start, pad_aware: bool) -> torch.Tensor:
     """Integer positions (B, N) of the new tokens: start + index, or (pad_aware) start + the
     number of real tokens before each one, so a left-padded row starts at position 0. `start` is
     an int or a (B,) tensor of tokens already seen."""
-    b, n = mask.shape
+    b, n = padding_mask.shape
     if pad_aware:
         start = start[:, None] if isinstance(start, torch.Tensor) else start
-        return (start + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, N)
-    return torch.arange(n, device=mask.device).expand(b, n) + start
+        return (start + padding_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, N)
+    return torch.arange(n, device=padding_mask.device).expand(b, n) + start

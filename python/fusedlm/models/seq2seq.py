@@ -42,8 +42,8 @@ class Seq2SeqLM(LanguageModel):
         """(B, M) source ids (or inputs_embeds (B, M, d)) -> (B, M, d) encoder output. cache: a
         KVCache of the encoder's layers holding prefix keys/values every source token sees
         (:meth:`new_cache` with ``encoder=True``)."""
-        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)
-        return self.encoder(x, mask, attn_mode="bidirectional", cache=cache)[0]
+        x, padding_mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)
+        return self.encoder(x, padding_mask, attn_mode="bidirectional", cache=cache)[0]
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: decoder_start_token_id, then labels[:, :-1] (IGNORE_INDEX -> pad)."""
@@ -75,13 +75,13 @@ class Seq2SeqLM(LanguageModel):
             if labels is None:
                 raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels")
             decoder_input_ids = self.shift_right(labels)
-        x, mask = token_inputs(self, "decoder_input_ids", decoder_input_ids, decoder_inputs_embeds,
+        x, padding_mask = token_inputs(self, "decoder_input_ids", decoder_input_ids, decoder_inputs_embeds,
                                "decoder_attention_mask", decoder_attention_mask)  # (B, N, d)
         if last_logits_only and labels is not None:
             raise ValueError("labels need the logits of every position: drop last_logits_only")
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        h, hidden = self.decoder(x, mask, attn_mode="causal", cache=cache, memory=encoder_out,
+        h, hidden = self.decoder(x, padding_mask, attn_mode="causal", cache=cache, memory=encoder_out,
                                  memory_padding_mask=attention_mask)
         logits = self.head(h[:, -1:] if last_logits_only else h) if return_logits else None  # (B, N or 1, V)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=mean_token_loss(logits, labels, shift=False),

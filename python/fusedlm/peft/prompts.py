@@ -108,7 +108,7 @@ class PrefixEncoder(nn.Module):
         return self.transform(e) if self.projection else e  # (P, L·2·Hkv·D)
 
 
-def _cat_mask(mask: torch.Tensor | None, b: int, n: int, p: int, device) -> torch.Tensor:
+def _cat_padding(mask: torch.Tensor | None, b: int, n: int, p: int, device) -> torch.Tensor:
     """(B, P + N) bool: P ones, then the given mask (None: all real)."""
     real = torch.ones(b, n, dtype=torch.bool, device=device) if mask is None else mask.bool()
     return torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), real], dim=1)
@@ -187,7 +187,7 @@ class PromptModel(nn.Module):
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, N, d)
         b, n, _ = x.shape
         x = torch.cat([self.prompts(b, x.dtype), x], dim=1)  # (B, P + N, d)
-        return x, _cat_mask(attention_mask, b, n, self.n_virtual_tokens, x.device)
+        return x, _cat_padding(attention_mask, b, n, self.n_virtual_tokens, x.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> ModelOutput:
         if self.peft_disabled:
@@ -242,7 +242,7 @@ class PromptModel(nn.Module):
             ids = {k: kwargs[k] for k in ("adapter_ids", "task_ids") if k in kwargs}
             encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **ids)
         if attention_mask is not None and attention_mask.shape[1] + p == encoder_out.shape[1]:
-            attention_mask = _cat_mask(attention_mask, attention_mask.shape[0], attention_mask.shape[1], p, encoder_out.device)
+            attention_mask = _cat_padding(attention_mask, attention_mask.shape[0], attention_mask.shape[1], p, encoder_out.device)
         return self.model(encoder_out=encoder_out, attention_mask=attention_mask, cache=cache, **kwargs)
 
     def _dtype(self) -> torch.dtype:
