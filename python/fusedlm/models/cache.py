@@ -26,8 +26,8 @@ class KVCache:
     keys/values; cross[i]: layer i's cross-attention keys/values (the cross prefix, then the
     encoder output's, projected at the first step) and cross_padding_mask (B, [P +] M) their mask.
 
-    The cache owns every write to itself: :meth:`add_prefix` / :meth:`add_cross_prefix` write
-    prefixes into an empty cache (the constructor's ``prefix_kv`` / ``cross_prefix_kv``); a model's
+    The cache owns every write to itself: the constructor takes the prefixes (``prefix_kv`` through
+    :meth:`add_prefix`, which also fills an empty cache later, and ``cross_prefix_kv``); a model's
     forward calls :meth:`extend` once (reserving the slots of its new tokens) and :meth:`append`
     once per layer; a decoder calls :meth:`cross_padding` and :meth:`set_cross` at its first step;
     generation strategies call :meth:`reorder` (beam search, expansion to beams or candidates)
@@ -50,12 +50,13 @@ class KVCache:
         self.n_prefix = 0
         self.max_len = capacity
         self.cross: list = [None] * n_layers
-        self.cross_prefix: list | None = None
         self.cross_padding_mask: torch.Tensor | None = None
+        self.cross_prefix = None
+        if cross_prefix_kv is not None:
+            check_prefix_kv("cross_prefix_kv", cross_prefix_kv, n_layers, batch, config)
+            self.cross_prefix = list(cross_prefix_kv)
         if prefix_kv is not None:
             self.add_prefix(prefix_kv)
-        if cross_prefix_kv is not None:
-            self.add_cross_prefix(cross_prefix_kv)
 
     @property
     def batch(self) -> int:
@@ -73,13 +74,7 @@ class KVCache:
             self.append(i, k, v)
         self.n_prefix = p
 
-    def add_cross_prefix(self, cross_prefix_kv) -> None:
-        """Keys/values (per layer (k, v), each (B, Hkv, P, D)) placed before the encoder output's in
-        cross-attention: P extra memory rows every decoder query sees. Only before the first step."""
-        if self.cross_padding_mask is not None or any(kv is not None for kv in self.cross):
-            raise ValueError("cross_prefix_kv goes into the cache before the first decoder step (it is kept there)")
-        check_prefix_kv("cross_prefix_kv", cross_prefix_kv, self.n_layers, self.batch, self.config)
-        self.cross_prefix = [(k, v) for k, v in cross_prefix_kv]
+
 
     def extend(self, padding_mask: torch.Tensor) -> int:
         """Reserves the slots of N new tokens (padding_mask (B, N), True = real) and returns how
