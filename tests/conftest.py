@@ -8,12 +8,18 @@ compile and run on the device.
 The ``cpu_isa`` fixture runs a test once per SIMD level of the cpu kernels this machine has
 (scalar, avx2, avx512, avx512_bf16 as available), so an AVX-512 machine also tests the AVX2 and
 scalar instantiations of every kernel.
+
+Tiny models (fusedlm's and transformers') come from tiny_models.py, importable by every test.
 """
 import contextlib
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tiny_models: the tests' one factory of tiny models
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,4 @@
-"""Records transformers 4.55.4's contrastive search on the tiny models of _models.py.
+"""Records transformers 4.55.4's contrastive search on the tiny models of tests/tiny_models.py (crc32 weights).
 
 transformers 4.56 moved contrastive search out of its core into a hub repository (it no longer runs
 offline), so the reference outputs come from the last release that had it in core, run once here:
@@ -17,8 +17,8 @@ import sys
 import torch
 import transformers
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _models import CONFIGS, SEQ2SEQ, checksum, make, prompts  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+from tiny_models import GENERATION, SEQ2SEQ, checksum, hf, prompts  # noqa: E402
 
 OUT = pathlib.Path(__file__).parent / "contrastive_fixture.json"
 
@@ -35,8 +35,8 @@ def main():
     assert transformers.__version__ == "4.55.4", f"run this with transformers 4.55.4, not {transformers.__version__}"
     torch.set_num_threads(1)
     fixture = {"transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
-    for name in CONFIGS:
-        model = make(name)
+    for name in GENERATION:
+        model = hf(name, weights="crc32")
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         cases = []
         base = dict(penalty_alpha=0.6, top_k=4, max_new_tokens=12, eos_token_id=[], pad_token_id=pad)

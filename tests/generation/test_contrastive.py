@@ -6,7 +6,7 @@ import pathlib
 import pytest
 import torch
 
-from _models import checksum
+from tiny_models import checksum
 from fusedlm.generation import generate
 from fusedlm.generation.contrastive import degeneration_penalty
 

@@ -4,23 +4,20 @@ import torch
 
 from fusedlm.generation import generate
 from fusedlm.generation.processors import no_repeat_ngram, repetition_penalty
-from fusedlm.models import DecoderLM, Seq2SeqLM, get_config
-from fusedlm.models.layers import current_routing
+from tiny_models import fused
 
-
-def _model(cls, name):
-    torch.manual_seed(0)
-    return cls(get_config(name)).eval()
+from fusedlm.models import DecoderLM
+from fusedlm.peft import routing
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return _model(DecoderLM, "llama-tiny")
+    return fused("llama-tiny", perturb=())
 
 
 @pytest.fixture(scope="module")
 def t5():
-    return _model(Seq2SeqLM, "t5-tiny")
+    return fused("t5-tiny", perturb=())
 
 
 def _ids(b=2, n=5, seed=0):
@@ -69,9 +66,9 @@ def test_bad_types(llama):
 
 def _record_routing(model, seen):
     def hook(module, args):
-        r = current_routing()
+        r = routing.current_routing()
         seen.append(None if r.adapter_ids is None else r.adapter_ids.tolist())
-    return model.decoder.blocks[0].attn.q_proj.register_forward_pre_hook(hook)  # inside the model's routing()
+    return model.decoder.blocks[0].attn.q_proj.register_forward_pre_hook(hook)  # inside the model's forward, routed
 
 
 @pytest.mark.parametrize("mode,rows", [
@@ -81,9 +78,9 @@ def _record_routing(model, seen):
     (dict(penalty_alpha=0.5, top_k=3), [5, 5, 5, 7, 7, 7]),  # the candidates' step
 ])
 @pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_per_row_model_kwargs_follow_the_rows(llama, t5, arch, mode, rows):
+def test_per_row_model_kwargs_follow_the_rows(arch, mode, rows):
     """adapter_ids of a mixed PEFT batch reach every model call, repeated for beams / samples / candidates."""
-    model = llama if arch == "llama" else t5
+    model = routing.install(fused("llama-tiny", perturb=()) if arch == "llama" else fused("t5-tiny", perturb=()))
     seen = []
     handle = _record_routing(model, seen)
     try:
@@ -96,7 +93,7 @@ def test_per_row_model_kwargs_follow_the_rows(llama, t5, arch, mode, rows):
 
 
 @pytest.mark.parametrize("mode", [dict(), dict(num_beams=3)])
-def test_prefix_kv_equals_the_prefix_tokens_in_the_prompt(llama, mode):
+def test_prefix_kv_equals_the_prefix_tokens_in_the_prompt(llama, mode, monkeypatch):
     """prefix_kv computed from P tokens stands for them: the continuation equals the one of prefix + prompt.
     (Not so in contrastive search, whose context holds the hidden states of the prompt's tokens only.)"""
     prefix, prompt = _ids(2, 3, seed=1), _ids(2, 4, seed=2)
@@ -104,8 +101,10 @@ def test_prefix_kv_equals_the_prefix_tokens_in_the_prompt(llama, mode):
     with torch.no_grad():
         llama(prefix, cache=cache)
     kv = [(cache.k[i], cache.v[i]) for i in range(llama.config.n_layers)]  # each (B, Hkv, 3, D)
-    got = generate(llama, prompt, max_new_tokens=5, prefix_kv=kv, eos_token_id=[], **mode)
     want = generate(llama, torch.cat([prefix, prompt], 1), max_new_tokens=5, eos_token_id=[], **mode)
+    # the model's caches hold the prefix (as a prefix-tuned model's do): generate runs on them unchanged
+    monkeypatch.setattr(llama, "new_cache", lambda b, n: DecoderLM.new_cache(llama, b, n, prefix_kv=kv))
+    got = generate(llama, prompt, max_new_tokens=5, eos_token_id=[], **mode)
     assert got.tolist() == want[:, 3:].tolist()
 
 
@@ -146,7 +145,7 @@ def test_mixed_lora_batch_equals_each_adapter_alone(mode):
     """Row i of a mixed batch (adapter_ids) generates what the model with only adapter i generates."""
     from fusedlm import peft
 
-    model = _model(DecoderLM, "llama-tiny")
+    model = fused("llama-tiny", perturb=())
     peft.apply_lora(model, r=4, targets="all", name="a")
     peft.apply_lora(model, r=2, targets=("q", "v"), name="b")
     with torch.no_grad():  # B starts at zero (peft's init): give the adapters an effect
@@ -168,7 +167,7 @@ def test_prompt_tuned_model_generates_with_the_cache():
     """A PromptModel (virtual tokens on the first call) generates what re-running it without a cache gives."""
     from fusedlm import peft
 
-    pm = peft.apply_prompt_tuning(_model(DecoderLM, "llama-tiny"), n_virtual_tokens=4)
+    pm = peft.apply_prompt_tuning(fused("llama-tiny", perturb=()), n_virtual_tokens=4)
     ids = _ids(2, 5)
     out = generate(pm, ids, max_new_tokens=4, eos_token_id=[])
     seq = ids

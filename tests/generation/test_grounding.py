@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import fused
 
 from fusedlm.generation import (BM25Retriever, Hit, answer, calibrate_threshold, confidence, fact_check, generate,
                                 rag_prompt)
-from fusedlm.models import DecoderLM, Seq2SeqLM, get_config
 
 pytest.importorskip("bm25s")
 
@@ -32,8 +32,7 @@ def store():
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    return DecoderLM(get_config("llama-tiny", max_seq_len=256)).eval()
+    return fused("llama-tiny", max_seq_len=256, perturb=())
 
 
 def test_rag_prompt():
@@ -68,8 +67,7 @@ def test_confidence_of_a_padded_batch_equals_each_row(llama):
 
 
 def test_confidence_seq2seq():
-    torch.manual_seed(0)
-    t5 = Seq2SeqLM(get_config("t5-tiny")).eval()
+    t5 = fused("t5-tiny", perturb=())
     src, ans = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
     with torch.no_grad():
         logits = t5(src, decoder_input_ids=torch.tensor([[t5.config.decoder_start_token_id, 8]])).logits[0]

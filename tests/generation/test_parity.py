@@ -3,10 +3,10 @@ GPT-2, T5 and BART models loaded from the same checkpoints; beam sequence scores
 import pytest
 import torch
 
-from _models import CONFIGS, SEQ2SEQ, prompts
+from tiny_models import GENERATION, SEQ2SEQ, prompts
 from fusedlm.generation import generate
 
-NAMES = list(CONFIGS)
+NAMES = list(GENERATION)
 NEW = 10
 
 

@@ -3,7 +3,7 @@ the same logits), seeded reproducibility, per-row parameters, rows independent o
 import pytest
 import torch
 
-from _models import prompts
+from tiny_models import prompts
 from fusedlm.generation import generate
 from fusedlm.generation.processors import repetition_penalty
 

@@ -1,22 +1,19 @@
-"""Shared set-up of the integration tests: offline hub, the tiny models' module on the path, fresh
-one-time warnings, and spies on the fused ops."""
+"""Shared set-up of the integration tests: offline hub, fresh one-time warnings, and spies on the
+fused ops (the tiny models come from tests/tiny_models.py)."""
 import collections
 import os
-import pathlib
-import sys
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).parent))  # for `from _hf_tiny import ...`
 
 from fusedlm import ops  # noqa: E402
-from fusedlm.integrations import _once  # noqa: E402
+from fusedlm import _warn  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(_once, "_seen", set())
+    monkeypatch.setattr(_warn, "_seen", set())
 
 
 @pytest.fixture

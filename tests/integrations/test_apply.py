@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from _hf_tiny import batch, make  # noqa: E402
+from tiny_models import hf, hf_batch  # noqa: E402
 
 from fusedlm import ops  # noqa: E402
 from fusedlm.integrations import apply, undo  # noqa: E402
@@ -16,7 +16,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def _lora_model(adapters=(("default", 4, 8),), dropout=0.0, base=None, seed=0):
     """A tiny llama (or `base`) with random (non-zero) LoRA adapters (name, r, alpha) on every linear."""
-    base = make("llama") if base is None else base
+    base = hf("llama") if base is None else base
     torch.manual_seed(seed)
     model = None
     for name, r, alpha in adapters:
@@ -55,7 +55,7 @@ def _assert_grads_close(got: dict, want: dict):
 
 def test_lora_single_adapter(op_calls):
     model = _lora_model()
-    ids, mask = batch()
+    ids, mask = hf_batch()
     want, want_grads = _outputs_and_lora_grads(model, ids, mask)
     report = apply(model)
     assert sum(what.startswith("peft LoRA") for _, what in report.patched) == 2 * len(ALL)
@@ -68,7 +68,7 @@ def test_lora_single_adapter(op_calls):
 def test_lora_mixed_adapter_names(op_calls):
     """Three samples: adapter "first" (r=4), the base model, adapter "second" (r=8, another scaling)."""
     model = _lora_model(adapters=(("first", 4, 8), ("second", 8, 4)))
-    ids, mask = batch()
+    ids, mask = hf_batch()
     names = ["first", "__base__", "second"]
     want, want_grads = _outputs_and_lora_grads(model, ids, mask, adapter_names=names)
     apply(model)
@@ -83,7 +83,7 @@ def test_lora_mixed_adapter_names(op_calls):
 
 def test_lora_mixed_generate(op_calls):
     model = _lora_model(adapters=(("first", 4, 8), ("second", 8, 4)))
-    ids, mask = batch(seed=4)
+    ids, mask = hf_batch(seed=4)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, adapter_names=["second", "first", "__base__"])
     want = model.generate(ids, **kwargs)
     apply(model)
@@ -94,7 +94,7 @@ def test_lora_mixed_generate(op_calls):
 def test_lora_training_with_dropout(op_calls):
     """Dropout on the adapter input runs inside ops.lora_linear in training; eval output unchanged."""
     model = _lora_model(dropout=0.3)
-    ids, mask = batch()
+    ids, mask = hf_batch()
     want = model(ids, attention_mask=mask).logits
     apply(model)
     _assert_close(model(ids, attention_mask=mask).logits, want)
@@ -107,7 +107,7 @@ def test_lora_training_with_dropout(op_calls):
 
 def test_unsupported_lora_calls_run_peft_with_a_warning(op_calls):
     model = _lora_model(adapters=(("first", 4, 8), ("second", 4, 8)))
-    ids, mask = batch()
+    ids, mask = hf_batch()
     model.base_model.set_adapter(["first", "second"])  # two adapters active at once
     want = model(ids, attention_mask=mask).logits
     apply(model)
@@ -118,7 +118,7 @@ def test_unsupported_lora_calls_run_peft_with_a_warning(op_calls):
 
 
 def test_report_and_left_alone():
-    model = make("llama")
+    model = hf("llama")
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
     model = peft.get_peft_model(model, config)
     report = apply(model)
@@ -126,7 +126,7 @@ def test_report_and_left_alone():
     assert "Embedding" in left["base_model.model.model.embed_tokens"]
     assert ("attention", "attn_implementation 'fusedlm' (was 'sdpa')") in report.patched
     assert "2 x peft LoRA -> ops.lora_linear" in str(report) and "left alone" in str(report)
-    gpt2 = peft.get_peft_model(make("gpt2"), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    gpt2 = peft.get_peft_model(hf("gpt2-padded"), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     report = apply(gpt2)
     assert all("fan_in_fan_out" in why for _, why in report.left_alone)
     with pytest.raises(ValueError, match="already patched"):
@@ -140,7 +140,7 @@ def test_report_and_left_alone():
 
 def test_apply_then_undo_restores_the_model():
     model = _lora_model()
-    ids, mask = batch()
+    ids, mask = hf_batch()
     before = model(ids, attention_mask=mask).logits
     state = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
     report = apply(model)
@@ -168,7 +168,7 @@ def _bnb_model(tmp_path, double_quant: bool):
     """A tiny 4-bit llama. Its layers keep bitsandbytes' exact path: on an avx512_bf16 CPU bitsandbytes
     otherwise repacks a layer at its first inference forward, rounding the scales to bfloat16 and
     computing at about bfloat16 precision (5e-3 off on these layers), which is no reference."""
-    make("llama-64").save_pretrained(tmp_path)
+    hf("llama-64").save_pretrained(tmp_path)
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
@@ -181,7 +181,7 @@ def _bnb_model(tmp_path, double_quant: bool):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_bnb_4bit_forward_and_generate(tmp_path, double_quant, op_calls):
     model = _bnb_model(tmp_path, double_quant)
-    ids, mask = batch()
+    ids, mask = hf_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     want, want_tokens = model(ids, attention_mask=mask).logits, model.generate(ids, **kwargs)
     report = apply(model)
@@ -206,7 +206,7 @@ def test_bnb_4bit_forward_and_generate(tmp_path, double_quant, op_calls):
 def test_bnb_layer_repacked_for_cpu_is_turned_back(double_quant):
     """A layer bitsandbytes already repacked for its CPU kernel: the bytes come back exactly, the
     scales as bitsandbytes' bfloat16 copies, and the patched layer computes with exactly those."""
-    from fusedlm.integrations import bnb as fl_bnb
+    from fusedlm.integrations import nf4
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4")
@@ -221,14 +221,14 @@ def test_bnb_layer_repacked_for_cpu_is_turned_back(double_quant):
     if not bnb.functional.has_avx512bf16():
         pytest.skip("bitsandbytes repacks only on avx512_bf16 CPUs")
     assert layer.weight.quant_state.packing_format_for_cpu
-    fl_bnb.patch(layer)
+    nf4.patch(layer)
     assert torch.equal(layer.weight.data, packed_bytes)
     qw = layer._fusedlm_qweight
     assert not qw.double_quant and torch.equal(qw.absmax, scales.bfloat16().float())
     with torch.no_grad():
         got = layer(x)
     _assert_close(got, x @ ops.nf4_dequantize(qw).T + layer.bias)
-    fl_bnb.unpatch(layer)
+    nf4.unpatch(layer)
     with torch.no_grad():
         layer(x)  # bitsandbytes repacks it again and runs
 
@@ -241,7 +241,7 @@ def test_bnb_fp4_is_left_alone():
 
 def test_qlora_forward_and_grads(tmp_path, op_calls):
     model = _lora_model(base=_bnb_model(tmp_path, double_quant=True))
-    ids, mask = batch()
+    ids, mask = hf_batch()
     want, want_grads = _outputs_and_lora_grads(model, ids, mask)
     apply(model)
     got, got_grads = _outputs_and_lora_grads(model, ids, mask)

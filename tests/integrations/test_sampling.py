@@ -4,7 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from _hf_tiny import V, batch, make  # noqa: E402
+from tiny_models import V, hf, hf_batch  # noqa: E402
 from transformers.generation import (  # noqa: E402
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -55,8 +55,8 @@ def test_kept_set_equals_transformers_warpers(temperature, top_k, top_p):
 
 
 def test_generate_samples_through_ops(samples):
-    model = make("llama")
-    ids, mask = batch(seed=5)
+    model = hf("llama")
+    ids, mask = hf_batch(seed=5)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=10, top_p=0.9,
                   pad_token_id=0)
     apply(model)
@@ -76,8 +76,8 @@ def test_generate_samples_through_ops(samples):
 
 def test_each_step_draws_from_the_kept_set():
     """One new token, many seeds: always inside transformers' kept set for the prompt, and not always the same."""
-    model = make("llama")
-    ids, mask = batch(seed=6)
+    model = hf("llama")
+    ids, mask = hf_batch(seed=6)
     logits = model(ids, attention_mask=mask).logits[:, -1].detach()
     kept = torch.isfinite(LogitsProcessorList([TemperatureLogitsWarper(1.5), TopKLogitsWarper(6)])(None, logits))
     apply(model)
@@ -93,8 +93,8 @@ def test_each_step_draws_from_the_kept_set():
 
 
 def test_left_to_transformers(samples):
-    model = make("llama")
-    ids, mask = batch()
+    model = hf("llama")
+    ids, mask = hf_batch()
     apply(model)
     with pytest.warns(RuntimeWarning, match="output_scores"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=True, pad_token_id=0,

@@ -4,15 +4,13 @@ import importlib.util
 import json
 import os
 import pathlib
-import sys
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _hf_models import make  # noqa: E402
+from tiny_models import saved  # noqa: E402
 
 from fusedlm.interop import hf  # noqa: E402
 
@@ -47,7 +45,7 @@ def _load(model_type, tmp_path_factory):
     """(model_type, transformers model, fusedlm model, checkpoint dir), built once per module."""
     if model_type not in _LOADED:
         path = tmp_path_factory.mktemp(model_type)
-        ref = make(model_type, path)
+        ref = saved(model_type, path)
         _LOADED[model_type] = (model_type, ref, hf.from_pretrained(str(path)), path)
     return _LOADED[model_type]
 
@@ -188,6 +186,10 @@ def test_save_pretrained_refuses_configs_without_a_counterpart(tmp_path):
 
     with pytest.raises(ValueError, match="no counterpart"):
         hf.save_pretrained(DecoderLM(get_config("llama-tiny", positions="sinusoidal")), str(tmp_path))
+    with pytest.raises(ValueError, match="no counterpart"):
+        hf.save_pretrained(DecoderLM(get_config("prefix-lm-tiny")), str(tmp_path))
+    with pytest.raises(ValueError, match=r"attn_mode='prefix'.*no counterpart"):
+        hf.save_pretrained(DecoderLM(get_config("llama-tiny", attn_mode="prefix")), str(tmp_path))
 
 
 def test_missing_files(tmp_path):

@@ -3,8 +3,6 @@ the same base and adapter weights (fp32, max abs logit diff <= 1e-4, padded batc
 GQA, GPT-2 and T5 (BART for LoRA too); LoRA, prompt tuning, prefix tuning and P-tuning."""
 import json
 import os
-import pathlib
-import sys
 import warnings
 
 import pytest
@@ -13,8 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 hf_peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _hf_models import make  # noqa: E402
+from tiny_models import saved  # noqa: E402
 
 from fusedlm import peft  # noqa: E402
 from fusedlm.interop import hf  # noqa: E402
@@ -100,7 +97,7 @@ def _randomize(module, std=0.3, seed=3):
 
 @pytest.mark.parametrize("model_type", _cases(["llama", "gpt2", "t5"], ["bart"]))
 def test_lora_peft_to_fusedlm(model_type, tmp_path):
-    ref = make(model_type, tmp_path / "base")
+    ref = saved(model_type, tmp_path / "base")
     config = hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[model_type], task_type=_task(model_type),
                                 fan_in_fan_out=model_type == "gpt2", use_rslora=model_type == "t5")
     pm = hf_peft.get_peft_model(ref, config).eval()
@@ -114,14 +111,14 @@ def test_lora_peft_to_fusedlm(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", _cases(["llama", "gpt2", "t5"], ["bart"]))
 def test_lora_fusedlm_to_peft(model_type, tmp_path):
-    make(model_type, tmp_path / "base")
+    saved(model_type, tmp_path / "base")
     ours = hf.from_pretrained(str(tmp_path / "base"))
     targets = {"llama": "all", "gpt2": ("q", "v", "o", "down"), "t5": ("q", "k", "up"), "bart": ("v", "o", "up")}[model_type]
     peft.apply_lora(ours, r=3, alpha=5, targets=targets)
     peft.apply_lora(ours, r=2, alpha=4, targets=("q",), name="other")  # only "default" is written
     _randomize(ours)
     peft_files.save_adapter(ours, str(tmp_path / "adapter"))
-    ref = hf_peft.PeftModel.from_pretrained(make(model_type, tmp_path / "base2"), str(tmp_path / "adapter")).eval()
+    ref = hf_peft.PeftModel.from_pretrained(saved(model_type, tmp_path / "base2"), str(tmp_path / "adapter")).eval()
     assert _compare(model_type, ref, ours, "lora") <= ATOL
     back = peft_files.load_adapter(hf.from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
     before = {p: layer.r["default"] for p, layer in lora_mod.lora_layers(ours) if "default" in layer.r}
@@ -135,7 +132,7 @@ def test_lora_fusedlm_to_peft(model_type, tmp_path):
     [("llama", "p-lstm"), ("llama", "prefix-proj"), ("gpt2", "p-mlp"), ("gpt2", "prefix-proj"), ("t5", "p-mlp"),
      ("t5", "prefix-proj"), ("bart", "prompt"), ("bart", "prefix")]))
 def test_prompt_methods_both_ways(model_type, method, tmp_path):
-    ref = make(model_type, tmp_path / "base")
+    ref = saved(model_type, tmp_path / "base")
     pm = hf_peft.get_peft_model(ref, _prompt_config(method, _task(model_type))).eval()
     _randomize(pm, std=1.0)
     pm.save_pretrained(tmp_path / "adapter")
@@ -143,7 +140,7 @@ def test_prompt_methods_both_ways(model_type, method, tmp_path):
     assert isinstance(ours, peft.PromptModel)
     assert _compare(model_type, pm, ours, method) <= ATOL
     peft_files.save_adapter(ours, str(tmp_path / "back"))
-    again = hf_peft.PeftModel.from_pretrained(make(model_type, tmp_path / "base2"), str(tmp_path / "back")).eval()
+    again = hf_peft.PeftModel.from_pretrained(saved(model_type, tmp_path / "base2"), str(tmp_path / "back")).eval()
     assert _compare(model_type, again, ours, method) <= ATOL
 
 
@@ -152,7 +149,7 @@ def test_prompt_methods_both_ways(model_type, method, tmp_path):
 def test_native_encoders_are_peft_modules(model_type, method, tmp_path):
     """fusedlm's encoders hold peft's parameters under peft's names and compute the same prompts;
     a native fusedlm adapter written out loads in peft with the same outputs."""
-    ref = make(model_type, tmp_path / "base")
+    ref = saved(model_type, tmp_path / "base")
     pm = hf_peft.get_peft_model(ref, _prompt_config(method, _task(model_type))).eval()
     _randomize(pm)
     model = hf.from_pretrained(str(tmp_path / "base"))
@@ -171,7 +168,7 @@ def test_native_encoders_are_peft_modules(model_type, method, tmp_path):
             b = ours(ids, attention_mask=left, labels=labels, position_ids=torch.arange(8).expand(3, 8)).loss
         assert abs(float(a) - float(b)) <= ATOL
     peft_files.save_adapter(ours, str(tmp_path / "native"))  # peft saves the encoded tokens: so does fusedlm
-    again = hf_peft.PeftModel.from_pretrained(make(model_type, tmp_path / "base2"), str(tmp_path / "native")).eval()
+    again = hf_peft.PeftModel.from_pretrained(saved(model_type, tmp_path / "base2"), str(tmp_path / "native")).eval()
     assert _compare(model_type, again, ours, method) <= ATOL
 
 
@@ -180,7 +177,7 @@ def test_native_encoders_are_peft_modules(model_type, method, tmp_path):
 def test_native_tables_written_out_load_in_peft(model_type, method, tmp_path):
     """fusedlm-made prompt tuning (token-id init) and prefix tuning written by save_adapter: peft loads
     them onto the transformers model and gives the same outputs."""
-    make(model_type, tmp_path / "base")
+    saved(model_type, tmp_path / "base")
     model = hf.from_pretrained(str(tmp_path / "base"))
     if method == "prompt":
         ours = peft.apply_prompt_tuning(model, n_virtual_tokens=P, init_token_ids=[5, 11])
@@ -190,12 +187,12 @@ def test_native_tables_written_out_load_in_peft(model_type, method, tmp_path):
     peft_files.save_adapter(ours, str(tmp_path / "adapter"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[method]
-    ref = hf_peft.PeftModel.from_pretrained(make(model_type, tmp_path / "base2"), str(tmp_path / "adapter")).eval()
+    ref = hf_peft.PeftModel.from_pretrained(saved(model_type, tmp_path / "base2"), str(tmp_path / "adapter")).eval()
     assert _compare(model_type, ref, ours, method) <= ATOL
 
 
 def _lora_dir(tmp_path, **config_overrides):
-    ref = make("llama", tmp_path / "base")
+    ref = saved("llama", tmp_path / "base")
     pm = hf_peft.get_peft_model(ref, hf_peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     pm.save_pretrained(tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_config.json"
@@ -222,7 +219,7 @@ def test_unsupported_config_fields_name_themselves(overrides, match, tmp_path):
 
 def test_adapter_of_another_architecture_or_shape(tmp_path):
     path = _lora_dir(tmp_path)
-    make("gpt2", tmp_path / "gpt2")
+    saved("gpt2", tmp_path / "gpt2")
     with pytest.raises(ValueError, match=r"adapter key 'base_model\.model\.model\.layers\.0\.self_attn\.(q|v)_proj\.lora_A\.weight'"):
         peft_files.load_adapter(hf.from_pretrained(str(tmp_path / "gpt2")), path)
     wide = hf.from_pretrained(str(tmp_path / "base"))
@@ -241,7 +238,7 @@ def test_adapter_of_another_architecture_or_shape(tmp_path):
 
 def test_mixed_adapters_from_files_match_peft_adapter_names(tmp_path):
     """Two peft adapters loaded from files run as one mixed batch equal to peft's adapter_names."""
-    ref = make("llama", tmp_path / "base")
+    ref = saved("llama", tmp_path / "base")
     pm = hf_peft.get_peft_model(ref, hf_peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="one")
     pm.add_adapter("two", hf_peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]))
     _randomize(pm)
@@ -264,7 +261,7 @@ def test_mixed_adapter_generation_equals_peft_generate_adapter_names(tmp_path):
     peft's generate(adapter_names=...) gives."""
     from fusedlm.generation import generate
 
-    ref = make("llama", tmp_path / "base")
+    ref = saved("llama", tmp_path / "base")
     pm = hf_peft.get_peft_model(ref, hf_peft.LoraConfig(r=4, target_modules="all-linear"), adapter_name="one")
     pm.add_adapter("two", hf_peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     _randomize(pm, std=1.0)

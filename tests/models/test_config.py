@@ -42,3 +42,27 @@ def test_bad_config():
         ModelConfig(d_model=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("gpt5")
+
+
+@pytest.mark.parametrize("arch,field,value", [
+    ("encoder", "attn_mode", "prefix"), ("encoder-decoder", "attn_mode", "causal"),
+    ("decoder", "head", "classifier"), ("decoder", "pooler", True), ("decoder", "n_labels", 3),
+    ("encoder-decoder", "head", "lm"), ("decoder", "n_decoder_layers", 2), ("encoder", "decoder_start_token_id", 0),
+    ("decoder", "final_logits_bias", True), ("decoder", "rescale_tied_head", True),
+])
+def test_fields_an_architecture_ignores_are_rejected(arch, field, value):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field} is read by .* leave {field} unset"):
+        ModelConfig(arch=arch, d_model=64, n_heads=4, **{field: value})
+
+
+def test_family_of_presets_and_architecture_defaults():
+    assert {get_config(name).family for name in PRESETS} == {"gpt2", "llama", "qwen2", "bert", "roberta", "t5", "bart", "prefix-lm"}
+    assert get_config("llama-tiny").attn_mode == "causal" and get_config("prefix-lm-tiny").attn_mode == "prefix"
+    bert = get_config("bert-tiny")
+    assert (bert.attn_mode, bert.head, bert.pooler, bert.n_labels) == (None, "lm", False, None)
+    assert get_config("bert-tiny", head="classifier", pooler=True).n_labels == 2
+    assert get_config("t5-tiny").n_decoder_layers == 2 and get_config("gpt2-tiny").n_decoder_layers is None
+    with pytest.raises(ValueError, match="family"):
+        get_config("llama-tiny", family="bert")
+    with pytest.raises(ValueError, match="n_labels"):
+        get_config("bert-tiny", n_labels=3)

@@ -1,32 +1,15 @@
 import pytest
 import torch
 
+from tiny_models import batch, fused
+
 from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
-
-
-def _model(name, **kw):
-    torch.manual_seed(0)
-    model = DecoderLM(get_config(name, **kw)).eval()
-    with torch.no_grad():  # non-trivial norms
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def _batch(b=3, n=9, vocab=128, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, n), generator=g)
-    mask = torch.ones(b, n, dtype=torch.bool)
-    mask[1 % b, :3] = False  # left padding
-    mask[2 % b, :1] = False
-    return ids, mask
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "qwen2-tiny"])
 def test_incremental_decoding_equals_full_forward(name):
-    model = _model(name)
-    ids, mask = _batch()
+    model = fused(name)
+    ids, mask = batch()
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = model.new_cache(3, ids.shape[1])
@@ -38,7 +21,7 @@ def test_incremental_decoding_equals_full_forward(name):
 
 
 def test_prefix_lm_per_row_prompt_lengths():
-    model = _model("llama-tiny", mask="prefix")
+    model = fused("llama-tiny", attn_mode="prefix")
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     prefix = torch.tensor([3, 6])
     with torch.no_grad():
@@ -56,9 +39,9 @@ def test_prefix_lm_per_row_prompt_lengths():
         assert (out3[0, 4] - out[0, 4]).abs().max() == 0  # row 0: causal after 3, token 4 < 6
         # causal rows equal the causal model when prefix_len is 0 or 1
         causal = model(ids, prefix_len=torch.tensor([1, 0])).logits
-        model.config.mask = "causal"
+        model.config.attn_mode = "causal"
         torch.testing.assert_close(causal, model(ids).logits)
-        model.config.mask = "prefix"
+        model.config.attn_mode = "prefix"
         # decoding after the prefix with the cache equals the full forward
         cache = model.new_cache(2, 8)
         steps = [model(ids[:, :6], prefix_len=prefix, cache=cache).logits]
@@ -69,8 +52,8 @@ def test_prefix_lm_per_row_prompt_lengths():
 
 
 def test_generate_uses_the_cache_consistently():
-    model = _model("llama-tiny")
-    ids, mask = _batch(n=5)
+    model = fused("llama-tiny")
+    ids, mask = batch(n=5)
     out = model.generate(ids, 6, attention_mask=mask, eos_token_id=[])  # no eos: six new tokens in every row
     assert out.shape == (3, 11)
     # greedy without a cache: re-run the whole sequence each step
@@ -85,7 +68,7 @@ def test_generate_uses_the_cache_consistently():
 
 
 def test_loss_ignores_minus_100():
-    model = _model("gpt2-tiny")
+    model = fused("gpt2-tiny")
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :3] = -100
@@ -98,15 +81,15 @@ def test_loss_ignores_minus_100():
 
 
 def test_hidden_states():
-    model = _model("llama-tiny")
-    ids, _ = _batch()
+    model = fused("llama-tiny")
+    ids, _ = batch()
     out = model(ids, output_hidden_states=True)
     assert len(out.hidden_states) == model.config.n_layers + 1
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
 
 
 def test_bad_inputs():
-    model = _model("gpt2-tiny")  # vocab 128, 64 positions
+    model = fused("gpt2-tiny")  # vocab 128, 64 positions
     with pytest.raises(ValueError, match="vocab_size"):
         model(torch.tensor([[1, 128]]))
     with pytest.raises(ValueError, match="vocab_size"):
@@ -130,13 +113,13 @@ def test_bad_inputs():
 
 
 def test_sinusoidal_positions_and_bf16():
-    model = _model("llama-tiny", positions="sinusoidal").to(torch.bfloat16)
-    ids, mask = _batch()
+    model = fused("llama-tiny", positions="sinusoidal").to(torch.bfloat16)
+    ids, mask = batch()
     with torch.no_grad():
         out = model(ids, attention_mask=mask).logits
     assert out.dtype == torch.bfloat16
     with torch.no_grad():
-        want = _model("llama-tiny", positions="sinusoidal")(ids, attention_mask=mask).logits  # the same weights in fp32
+        want = fused("llama-tiny", positions="sinusoidal")(ids, attention_mask=mask).logits  # the same weights in fp32
     torch.testing.assert_close(out[mask].float(), want[mask], atol=0.05 * float(want.abs().max()), rtol=0.02)
 
 
@@ -147,10 +130,10 @@ def test_generate_matches_transformers(tmp_path, name, mode):
     transformers = pytest.importorskip("transformers")
     from fusedlm.interop import hf
 
-    model = _model(name)
+    model = fused(name)
     hf.save_pretrained(model, str(tmp_path))
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    ids, mask = _batch(n=6)
+    ids, mask = batch(n=6)
     free = model.generate(ids, 8, attention_mask=mask, eos_token_id=[])
     eos = [int(free[0, 8]), int(free[2, 10])]  # tokens rows 0 and 2 emit: both stop early
     got = model.generate(ids, 8, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **mode)
@@ -161,8 +144,8 @@ def test_generate_matches_transformers(tmp_path, name, mode):
 
 
 def test_last_logits_only():
-    model = _model("qwen2-tiny")
-    ids, mask = _batch()
+    model = fused("qwen2-tiny")
+    ids, mask = batch()
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         last = model(ids, attention_mask=mask, last_logits_only=True).logits

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from fusedlm import ops
-from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
+from tiny_models import fused
+
+from fusedlm.models import get_config
 
 
 def _ids(b=2, n=7, vocab=128, seed=0):
@@ -11,8 +13,7 @@ def _ids(b=2, n=7, vocab=128, seed=0):
 
 @pytest.mark.parametrize("name", ["bert-tiny", "roberta-tiny"])
 def test_mlm_loss_and_padding(name):
-    torch.manual_seed(0)
-    model = EncoderLM(get_config(name)).eval()
+    model = fused(name, perturb=())
     ids = _ids()
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 5:] = False
@@ -28,8 +29,7 @@ def test_mlm_loss_and_padding(name):
 
 
 def test_classifier_head():
-    torch.manual_seed(0)
-    model = EncoderLM(get_config("bert-tiny", head="classifier", pooler=True, n_labels=3))
+    model = fused("bert-tiny", head="classifier", pooler=True, n_labels=3, perturb=())
     out = model(_ids(), labels=torch.tensor([0, 2]))
     assert out.logits.shape == (2, 3) and out.pooled.shape == (2, 64)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))
@@ -39,8 +39,7 @@ def test_classifier_head():
 
 @pytest.mark.parametrize("name", ["t5-tiny", "bart-tiny"])
 def test_seq2seq_loss_generate_and_cache(name):
-    torch.manual_seed(0)
-    model = Seq2SeqLM(get_config(name)).eval()
+    model = fused(name, perturb=())
     src, tgt = _ids(), _ids(n=5, seed=1)
     out = model(src, labels=tgt)
     assert out.logits.shape == (2, 5, 128)
@@ -61,8 +60,7 @@ def test_seq2seq_loss_generate_and_cache(name):
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_backends_agree(name):
     """The model calls only ops.attention: the reference and cpu backends give the same logits."""
-    torch.manual_seed(0)
-    model = DecoderLM(get_config(name)).eval()
+    model = fused(name, perturb=())
     ids = _ids(3, 9)
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, :4] = False

@@ -1,23 +1,19 @@
 """The model-layer features that PEFT, generation and training build on: inputs_embeds, explicit
-positions, prefix keys/values, the cache's reorder/truncate, dropout, routing, token log-probs."""
+positions, prefix keys/values, the cache's reorder/truncate, dropout, token log-probs."""
 import pytest
 import torch
 
 from fusedlm import ops
-from fusedlm.models import DecoderLM, EncoderLM, Seq2SeqLM, get_config
-from fusedlm.models.layers import current_routing, token_logprobs
+from tiny_models import fused
+
+from fusedlm.models import get_config
+from fusedlm.models.logprobs import token_logprobs
 
 DECODERS = ["gpt2-tiny", "llama-tiny", "qwen2-tiny"]
 
 
-def _model(cls, name, **kw):
-    torch.manual_seed(0)
-    model = cls(get_config(name, **kw)).eval()
-    with torch.no_grad():  # non-trivial norms and biases
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+def _model(name, **kw):
+    return fused(name, perturb=("norm", "bias"), **kw)  # non-trivial norms and biases
 
 
 def _ids(b=3, n=7, seed=0):
@@ -40,7 +36,7 @@ def _prefix_of(model, ids):
 @torch.no_grad()
 @pytest.mark.parametrize("name", DECODERS)
 def test_inputs_embeds_and_position_ids_equal_the_default_path(name):
-    model = _model(DecoderLM, name)
+    model = _model(name)
     ids, mask = _ids(), _left_padded()
     out = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(model(inputs_embeds=model.embed(ids), attention_mask=mask).logits, out)
@@ -61,35 +57,35 @@ def test_inputs_embeds_and_position_ids_equal_the_default_path(name):
 def test_prefix_kv_equals_continuing_after_those_tokens(name):
     """Prefix keys/values count as P past tokens: the tokens after them see exactly what they would
     see after P real tokens, with or without a cache, decoding step by step too."""
-    model = _model(DecoderLM, name)
+    model = _model(name)
     a, b = _ids(n=4, seed=1), _ids(n=5, seed=2)
     full = model(torch.cat([a, b], 1)).logits[:, 4:]
     prefix = _prefix_of(model, a)
-    torch.testing.assert_close(model(b, prefix_kv=prefix).logits, full, atol=1e-5, rtol=1e-5)
-    cache = model.new_cache(3, 9)
-    steps = [model(b[:, :3], prefix_kv=prefix, cache=cache).logits]
+    torch.testing.assert_close(model(b, cache=model.new_cache(3, 5, prefix_kv=prefix)).logits, full, atol=1e-5, rtol=1e-5)
+    cache = model.new_cache(3, 5, prefix_kv=prefix)
+    steps = [model(b[:, :3], cache=cache).logits]
     assert cache.length == 7 and cache.n_prefix == 4
     steps += [model(b[:, i : i + 1], cache=cache).logits for i in (3, 4)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="first call"):
-        model(b[:, :1], prefix_kv=prefix, cache=cache)
+        cache.add_prefix(prefix)
     with pytest.raises(ValueError, match=r"prefix_kv\[0\] must be"):
-        model(b, prefix_kv=[(k, v[:, :, :1]) for k, v in prefix])
+        model.new_cache(3, 5, prefix_kv=[(k, v[:, :, :1]) for k, v in prefix])
     with pytest.raises(ValueError, match="one per layer"):
-        model(b, prefix_kv=prefix[:1])
+        model.new_cache(3, 5, prefix_kv=prefix[:1])
 
 
 @torch.no_grad()
 def test_prefix_kv_with_padding_and_prefix_lm():
-    model = _model(DecoderLM, "llama-tiny")
+    model = _model("llama-tiny")
     a, b, mask = _ids(n=3, seed=1), _ids(n=6, seed=2), _left_padded(n=6)
     prefix = _prefix_of(model, a)
     full = model(torch.cat([a, b], 1), attention_mask=torch.cat([torch.ones(3, 3, dtype=torch.bool), mask], 1)).logits
-    got = model(b, attention_mask=mask, prefix_kv=prefix).logits
+    got = model(b, attention_mask=mask, cache=model.new_cache(3, 6, prefix_kv=prefix)).logits
     torch.testing.assert_close(got[mask], full[:, 3:][mask], atol=1e-5, rtol=1e-5)
     # prefix_len counts the sequence's own tokens: the prefix keys come before them (a cache
     # continuation counts every key before it, so the same keys are prefix_len=5 there)
-    got = model(b, prefix_len=2, prefix_kv=prefix).logits
+    got = model(b, prefix_len=2, cache=model.new_cache(3, 6, prefix_kv=prefix)).logits
     cache = model.new_cache(3, 9)
     model(a, cache=cache)
     want = model(b, prefix_len=5, cache=cache).logits
@@ -99,11 +95,11 @@ def test_prefix_kv_with_padding_and_prefix_lm():
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["t5-tiny", "bart-tiny"])
 def test_seq2seq_prefixes(name):
-    model = _model(Seq2SeqLM, name)
+    model = _model(name)
     src, dec = _ids(n=6), _ids(n=5, seed=3)
     # encoder prefix: extra keys/values every source token sees
     prefix = [(torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)) for _ in range(2)]
-    mem = model.encode(src, encoder_prefix_kv=prefix)
+    mem = model.encode(src, cache=model.new_cache(3, 6, prefix_kv=prefix, encoder=True))
     assert mem.shape == (3, 6, 64) and (mem - model.encode(src)).abs().max() > 1e-3
     # cross prefix = keys/values of extra memory rows: equals attending to the concatenated memory
     memory = model.encode(src)
@@ -111,15 +107,15 @@ def test_seq2seq_prefixes(name):
     cross = [(blk.cross_attn._heads(blk.cross_attn.k_proj(extra), 4), blk.cross_attn._heads(blk.cross_attn.v_proj(extra), 4))
              for blk in model.decoder.blocks]
     want = model(decoder_input_ids=dec, encoder_out=torch.cat([extra, memory], 1)).logits
-    got = model(decoder_input_ids=dec, encoder_out=memory, cross_prefix_kv=cross).logits
+    got = model(decoder_input_ids=dec, encoder_out=memory, cache=model.new_cache(3, 5, cross_prefix_kv=cross)).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # ... and with the cache, decoding one token at a time (the cache keeps the prefix and its mask)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, 4:] = False
     want = model(decoder_input_ids=dec, encoder_out=torch.cat([extra, memory], 1),
                  attention_mask=torch.cat([torch.ones(3, 2, dtype=torch.bool), mask], 1)).logits
-    cache = model.new_cache(3, 5)
-    steps = [model(decoder_input_ids=dec[:, :1], encoder_out=memory, attention_mask=mask, cross_prefix_kv=cross, cache=cache).logits]
+    cache = model.new_cache(3, 5, cross_prefix_kv=cross)
+    steps = [model(decoder_input_ids=dec[:, :1], encoder_out=memory, attention_mask=mask, cache=cache).logits]
     steps += [model(decoder_input_ids=dec[:, i : i + 1], encoder_out=memory, attention_mask=mask, cache=cache).logits for i in range(1, 5)]
     torch.testing.assert_close(torch.cat(steps, 1), want, atol=1e-5, rtol=1e-5)
     # decoder self-attention prefix
@@ -128,7 +124,8 @@ def test_seq2seq_prefixes(name):
     c = model.new_cache(3, 2)
     model(decoder_input_ids=a, encoder_out=memory, cache=c)
     prefix = [(c.k[i].clone(), c.v[i].clone()) for i in range(2)]
-    torch.testing.assert_close(model(decoder_input_ids=dec, encoder_out=memory, prefix_kv=prefix).logits, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(decoder_input_ids=dec, encoder_out=memory, cache=model.new_cache(3, 5, prefix_kv=prefix)).logits,
+                               full, atol=1e-5, rtol=1e-5)
     # inputs_embeds on both sides
     torch.testing.assert_close(model(inputs_embeds=model.embed(src), decoder_inputs_embeds=model.embed(dec)).logits,
                                model(src, decoder_input_ids=dec).logits)
@@ -136,7 +133,7 @@ def test_seq2seq_prefixes(name):
 
 @torch.no_grad()
 def test_encoder_inputs_embeds_prefix_and_no_logits():
-    model = _model(EncoderLM, "bert-tiny")
+    model = _model("bert-tiny")
     ids = _ids()
     out = model(ids)
     torch.testing.assert_close(model(inputs_embeds=model.embed(ids)).logits, out.logits)
@@ -144,14 +141,14 @@ def test_encoder_inputs_embeds_prefix_and_no_logits():
     assert bare.logits is None
     torch.testing.assert_close(bare.last_hidden_state, out.last_hidden_state)
     prefix = [(torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16)) for _ in range(2)]
-    assert (model(ids, prefix_kv=prefix).last_hidden_state - out.last_hidden_state).abs().max() > 1e-3
+    assert (model(ids, cache=model.new_cache(3, 7, prefix_kv=prefix)).last_hidden_state - out.last_hidden_state).abs().max() > 1e-3
     with pytest.raises(ValueError, match="return_logits"):
         model(ids, labels=ids, return_logits=False)
 
 
 @torch.no_grad()
 def test_cache_reorder_and_truncate():
-    model = _model(DecoderLM, "llama-tiny")
+    model = _model("llama-tiny")
     ids, mask = _ids(n=6), _left_padded(n=6)
     nxt = _ids(n=1, seed=9)
     cache = model.new_cache(3, 8)
@@ -174,10 +171,10 @@ def test_cache_reorder_and_truncate():
 
 
 def test_dropout_is_training_only_and_reaches_attention(monkeypatch):
-    model = _model(DecoderLM, "gpt2-tiny", dropout=0.2, attn_dropout=0.3, mlp_dropout=0.1)
+    model = _model("gpt2-tiny", dropout=0.2, attn_dropout=0.3, mlp_dropout=0.1)
     ids = _ids()
     with torch.no_grad():
-        ref = _model(DecoderLM, "gpt2-tiny")(ids).logits
+        ref = _model("gpt2-tiny")(ids).logits
         torch.testing.assert_close(model(ids).logits, ref)  # eval: no dropout anywhere
     seen = []
     real = ops.attention
@@ -196,27 +193,8 @@ def test_dropout_is_training_only_and_reaches_attention(monkeypatch):
         get_config("gpt2-tiny", dropout=1.0)
 
 
-def test_routing_is_visible_inside_the_forward_only():
-    model = _model(DecoderLM, "llama-tiny")
-    seen = []
-    model.decoder.blocks[0].attn.q_proj.register_forward_hook(lambda *_: seen.append(current_routing()))
-    ids = _ids()
-    with torch.no_grad():
-        model(ids, adapter_ids=torch.tensor([0, -1, 1]), task_ids=torch.tensor([1, 1, 0]))
-        model(ids)
-    assert seen[0].adapter_ids.tolist() == [0, -1, 1] and seen[0].task_ids.tolist() == [1, 1, 0]
-    assert seen[1].adapter_ids is None and seen[1].task_ids is None
-    assert current_routing().adapter_ids is None
-    with pytest.raises(ValueError, match=r"adapter_ids must have shape \[B\] = \[3\]"):
-        model(ids, adapter_ids=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="task_ids must be >= -1"):
-        model(ids, task_ids=torch.tensor([0, -2, 0]))
-    with pytest.raises(TypeError, match="adapter_ids must be an integer tensor"):
-        model(ids, adapter_ids=torch.zeros(3))
-
-
 def test_token_logprobs_and_hidden_only_forward():
-    model = _model(DecoderLM, "qwen2-tiny")
+    model = _model("qwen2-tiny")
     ids = _ids()
     labels = ids.clone()
     labels[0, :4] = -100

@@ -1,21 +1,18 @@
 """AdaPtLoRA: per-task soft prompts + shared gated LoRA, one gated kernel call per layer."""
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import assert_close, batch, model, randomize  # noqa: E402
+from tiny_models import assert_close, batch, fused, randomize
 
-from fusedlm import ops, peft  # noqa: E402
-from fusedlm.peft import adaptplora  # noqa: E402
+from fusedlm import ops, peft
+from fusedlm.peft import adaptplora
 
 L_P = 4
 
 
 def _setup(name="llama-tiny", **kw):
-    m = model(name)
+    m = fused(name)
     mt = peft.apply_adaptplora(m, n_tasks=3, n_prompt_tokens=L_P, r=4, alpha=8, targets="all", **kw)
     return m, mt
 

@@ -1,23 +1,21 @@
 """Pfeiffer and Houlsby bottleneck adapters, placed as the `adapters` library places them."""
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import PRESETS, assert_close, batch, model, randomize, run  # noqa: E402
+from tiny_models import assert_close, batch, fused, randomize, run
 
-from fusedlm import peft  # noqa: E402
-from fusedlm.peft.bottleneck import BottleneckAdapter  # noqa: E402
+from fusedlm import peft
+from fusedlm.peft.bottleneck import BottleneckAdapter
 
+PRESETS = ("llama-tiny", "gpt2-tiny", "t5-tiny", "bert-tiny")
 ALL = PRESETS + ("bart-tiny",)  # pre-norm: llama, gpt2, t5; post-norm: bert, bart
 
 
 @pytest.mark.parametrize("kind", ["pfeiffer", "houlsby"])
 @pytest.mark.parametrize("name", PRESETS)
 def test_identity_at_init_and_gradients(kind, name):
-    m = model(name)
+    m = fused(name)
     ids, mask = batch()
     with torch.no_grad():
         base = run(m, ids, mask)
@@ -48,11 +46,12 @@ def _library_sublayer(h, x, norm, adapter, ln_before):
     return norm(out + x) if norm is not None else out + x
 
 
-def _library_block(block, kind, x, self_args, cross_args=None):
+def _library_block(block, kind, x, *, memory=None, memory_padding_mask=None, **self_args):
     """One block as the library computes it: Houlsby adapts attention and FFN, Pfeiffer the FFN."""
     subs = [("attn", block.attn_norm, lambda y: block.attn(y, **self_args))]
-    if cross_args is not None:
-        subs.append(("cross_attn", block.cross_norm, lambda y: block.cross_attn(y, **cross_args)))
+    if memory is not None:
+        subs.append(("cross_attn", block.cross_norm, lambda y: block.cross_attn(
+            y, attn_mode="bidirectional", key_padding_mask=memory_padding_mask, cache=self_args["cache"], memory=memory)))
     subs.append(("mlp", block.mlp_norm, block.mlp))
     for name, norm, f in subs:
         h = f(norm(x)) if block.pre_norm else f(x)
@@ -67,12 +66,13 @@ def _library_block(block, kind, x, self_args, cross_args=None):
 @pytest.mark.parametrize("name", ALL)
 @torch.no_grad()
 def test_every_block_computes_what_the_adapters_library_computes(kind, name):
-    m = model(name)
+    m = fused(name)
     peft.apply_adapters(m, kind=kind)
     randomize(m, ".adapter.", std=0.2)
     blocks = [mod for path, mod in m.named_modules() if path.rsplit(".", 2)[-2:-1] == ["blocks"]]
     seen = []  # (block, its inputs, its output) of the adapted forward
-    hooks = [b.register_forward_hook(lambda mod, args, out: seen.append((mod, args, out))) for b in blocks]
+    hooks = [b.register_forward_hook(lambda mod, args, kwargs, out: seen.append((mod, args, kwargs, out)), with_kwargs=True)
+             for b in blocks]
     ids, mask = batch()
     adapted = run(m, ids, mask)
     for h in hooks:
@@ -80,18 +80,18 @@ def test_every_block_computes_what_the_adapters_library_computes(kind, name):
     assert len(seen) == len(blocks)
     with peft.disable(m):  # the model's own sublayers, no hook acting: the library's formula by hand
         assert not torch.allclose(run(m, ids, mask), adapted, atol=1e-3)
-        for block, args, out in seen:
-            assert_close(_library_block(block, kind, *args), out)
+        for block, args, kwargs, out in seen:
+            assert_close(_library_block(block, kind, *args, **kwargs), out)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="kind"):
-        peft.apply_adapters(model("llama-tiny"), kind="lora")
+        peft.apply_adapters(fused("llama-tiny"), kind="lora")
     with pytest.raises(ValueError, match="reduction"):
-        peft.apply_adapters(model("llama-tiny"), reduction=0)
+        peft.apply_adapters(fused("llama-tiny"), reduction=0)
     with pytest.raises(ValueError, match="activation"):
-        peft.apply_adapters(model("llama-tiny"), activation="softplus")
-    m = peft.apply_adapters(model("llama-tiny"))
+        peft.apply_adapters(fused("llama-tiny"), activation="softplus")
+    m = peft.apply_adapters(fused("llama-tiny"))
     with pytest.raises(ValueError, match="already"):
         peft.apply_adapters(m, kind="houlsby")
     with pytest.raises(ValueError, match="no transformer blocks"):

@@ -1,24 +1,23 @@
 """LoRA on fusedlm models: init, mixed batches, merge, gradients, counts and bad inputs."""
 import contextlib
 import io
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import PRESETS, assert_close, batch, model, randomize, run  # noqa: E402
+from tiny_models import assert_close, batch, fused, randomize, run
 
-from fusedlm import ops, peft  # noqa: E402
-from fusedlm.models import build, get_config  # noqa: E402
-from fusedlm.peft import lora as lora_mod  # noqa: E402
+from fusedlm import ops, peft
+from fusedlm.models import build, get_config
+from fusedlm.peft import lora as lora_mod
+
+PRESETS = ("llama-tiny", "gpt2-tiny", "t5-tiny", "bert-tiny")
 
 
 @pytest.mark.parametrize("name", PRESETS)
 @torch.no_grad()
 def test_init_leaves_the_model_unchanged(name):
-    m = model(name)
+    m = fused(name)
     ids, mask = batch()
     base = run(m, ids, mask)
     peft.apply_lora(m, r=4, targets="all")
@@ -27,7 +26,7 @@ def test_init_leaves_the_model_unchanged(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_targets_all_wraps_every_block_linear_never_the_head(name):
-    m = model(name)
+    m = fused(name)
     n_linear = sum(isinstance(mod, torch.nn.Linear) and ".blocks." in f".{path}" for path, mod in m.named_modules())
     peft.apply_lora(m, r=2, targets="all")
     layers = lora_mod.lora_layers(m)
@@ -38,7 +37,7 @@ def test_targets_all_wraps_every_block_linear_never_the_head(name):
 
 
 def test_peft_init_and_scaling():
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     peft.apply_lora(m, r=4, alpha=12, targets=("q",))
     peft.apply_lora(m, r=4, alpha=12, targets=("q",), rslora=True, name="rs")
     layer = m.decoder.blocks[0].attn.q_proj
@@ -52,7 +51,7 @@ def test_peft_init_and_scaling():
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "t5-tiny"])
 @torch.no_grad()
 def test_forward_is_the_lora_formula(name):
-    m = model(name)
+    m = fused(name)
     ids, mask = batch()
     peft.apply_lora(m, r=3, alpha=7, targets=("q", "v", "down"))
     randomize(m)
@@ -65,7 +64,7 @@ def test_forward_is_the_lora_formula(name):
 
 def _two_adapter_model(name="llama-tiny"):
     """Adapters of different ranks and targets: 0 on all (r=4), 1 on q/v (r=2), 2 on down (r=6)."""
-    m = model(name)
+    m = fused(name)
     peft.apply_lora(m, r=4, alpha=8, targets="all")
     peft.apply_lora(m, r=2, alpha=3, targets=("q", "v"), name="qv")
     peft.apply_lora(m, r=6, alpha=6, targets=("down",), name="down", rslora=True)
@@ -127,7 +126,7 @@ def test_mixed_batch_gradients_equal_each_sequence_alone():
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "t5-tiny"])
 @torch.no_grad()
 def test_merge_equals_unmerged_and_unmerge_restores(name):
-    m = model(name)
+    m = fused(name)
     ids, mask = batch()
     base_w = m.get_submodule("decoder.blocks.0.attn.q_proj").weight.clone()
     peft.apply_lora(m, r=4, targets="all")
@@ -144,7 +143,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_gradients_reach_exactly_the_trainable_parameters(name):
-    m = model(name)
+    m = fused(name)
     m.train()
     peft.apply_lora(m, r=4, targets="all", dropout=0.1)
     randomize(m, "lora_B")
@@ -158,7 +157,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(name):
 
 
 def test_dropout_is_peft_dropout_on_the_adapter_input():
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     peft.apply_lora(m, r=4, targets=("q",), dropout=0.5)
     randomize(m)
     ids, mask = batch()
@@ -186,7 +185,7 @@ def test_set_adapter_and_disable():
 
 
 def test_full_fine_tuning_is_the_default():
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     trainable, total = peft.trainable_parameters(m)
     assert trainable == total == sum(p.numel() for p in m.parameters())
 
@@ -222,7 +221,7 @@ def test_report_is_peft_format():
     with contextlib.redirect_stdout(out):
         pm.print_trainable_parameters()
     assert out.getvalue().strip() == ours
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     peft.apply_lora(m, r=4, targets=("q", "v"))
     t, a = peft.trainable_parameters(m)
     assert peft.report(m) == f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}"
@@ -241,7 +240,7 @@ def test_report_is_peft_format():
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        peft.apply_lora(model("gpt2-tiny"), **kwargs)
+        peft.apply_lora(fused("gpt2-tiny"), **kwargs)
 
 
 def test_bad_adapter_ids_and_names():
@@ -258,7 +257,7 @@ def test_bad_adapter_ids_and_names():
     with pytest.raises(ValueError, match="no adapter named"):
         peft.set_adapter(m, "nope")
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        peft.merge(model("llama-tiny"))
+        peft.merge(fused("llama-tiny"))
     m.train()
     with pytest.raises(ValueError, match="share their dropout"):
         lora_mod.lora_layers(m)[0][1].dropout["qv"] = 0.3
@@ -269,7 +268,7 @@ def test_bad_adapter_ids_and_names():
 @pytest.mark.parametrize("name", ["llama-tiny", "t5-tiny"])
 @torch.no_grad()
 def test_disable_gives_the_base_model_for_every_method(method, name):
-    m = model(name)
+    m = fused(name)
     ids, mask = batch()
     base = run(m, ids, mask)
     kw = {}

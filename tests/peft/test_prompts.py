@@ -1,14 +1,11 @@
 """Prompt tuning, P-tuning and prefix tuning on fusedlm models (peft parity: tests/interop/test_peft.py)."""
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import assert_close, batch, model, run  # noqa: E402
+from tiny_models import assert_close, batch, fused, run
 
-from fusedlm import peft  # noqa: E402
+from fusedlm import peft
 
 P = 3
 METHODS = {
@@ -24,7 +21,7 @@ METHODS = {
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 @torch.no_grad()
 def test_left_padded_row_equals_the_row_alone(method, name):
-    pm = METHODS[method](model(name))
+    pm = METHODS[method](fused(name))
     ids, mask = batch()
     out = pm(ids, attention_mask=mask).logits
     assert out.shape == (3, 9, 128)  # the real positions only
@@ -36,7 +33,7 @@ def test_left_padded_row_equals_the_row_alone(method, name):
 
 @pytest.mark.parametrize("method", ["prompt", "p-lstm", "prefix-proj"])
 def test_prompt_output_is_the_model_on_prepended_embeddings(method):
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     pm = METHODS[method](m)
     ids, _ = batch()
     labels = ids.clone()
@@ -45,7 +42,7 @@ def test_prompt_output_is_the_model_on_prepended_embeddings(method):
     if method == "prefix-proj":  # per layer (k, v) from the table viewed (P, 2L, Hkv, D)
         flat = pm.prompt_encoder()
         kv = flat.view(P, 4, 2, 16).permute(1, 2, 0, 3)[:, None].expand(4, 3, 2, P, 16)
-        ref = m(ids, labels=labels, prefix_kv=[(kv[0], kv[1]), (kv[2], kv[3])])
+        ref = m(ids, labels=labels, cache=m.new_cache(3, ids.shape[1], prefix_kv=[(kv[0], kv[1]), (kv[2], kv[3])]))
         assert_close(out.logits, ref.logits)
     else:
         x = torch.cat([pm.prompt_encoder()[None].expand(3, P, 64), m.embed(ids)], dim=1)
@@ -58,7 +55,7 @@ def test_prompt_output_is_the_model_on_prepended_embeddings(method):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["llama-tiny", "t5-tiny"])
 def test_gradients_reach_exactly_the_prompt_encoder(method, name):
-    pm = METHODS[method](model(name))
+    pm = METHODS[method](fused(name))
     pm.train()
     ids, mask = batch()
     run(pm, ids, mask).pow(2).mean().backward()
@@ -89,7 +86,7 @@ def _greedy(m, ids, mask, steps, seq2seq):
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "t5-tiny"])
 @torch.no_grad()
 def test_cached_decoding_equals_the_full_forward(method, name):
-    pm = METHODS[method](model(name))
+    pm = METHODS[method](fused(name))
     seq2seq = pm.config.arch == "encoder-decoder"
     ids, mask = batch(n=6)
     seq, last = _greedy(pm, ids, mask, 4, seq2seq)
@@ -102,7 +99,7 @@ def test_cached_decoding_equals_the_full_forward(method, name):
 
 def test_generation_runs_on_the_wrapper():
     generation = pytest.importorskip("fusedlm.generation")
-    pm = METHODS["prefix"](model("llama-tiny"))
+    pm = METHODS["prefix"](fused("llama-tiny"))
     ids, mask = batch(n=6)
     out = generation.generate(pm, ids, attention_mask=mask, max_new_tokens=4)
     seq, _ = _greedy(pm, ids, mask, 4, False)
@@ -110,27 +107,27 @@ def test_generation_runs_on_the_wrapper():
 
 
 def test_token_init_repeats_and_truncates():
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     pm = peft.apply_prompt_tuning(m, n_virtual_tokens=5, init_token_ids=[7, 9])
     assert torch.equal(pm.prompt_encoder(), m.embed(torch.tensor([7, 9, 7, 9, 7])))
-    pm = peft.apply_prompt_tuning(model("llama-tiny"), n_virtual_tokens=2, init_token_ids=[4, 5, 6])
+    pm = peft.apply_prompt_tuning(fused("llama-tiny"), n_virtual_tokens=2, init_token_ids=[4, 5, 6])
     assert torch.equal(pm.prompt_encoder(), pm.model.embed(torch.tensor([4, 5])))
 
 
 def test_seq2seq_tables_have_peft_shapes():
-    m = model("t5-tiny")
+    m = fused("t5-tiny")
     assert peft.apply_prompt_tuning(m, n_virtual_tokens=P).prompt_encoder.embedding.weight.shape == (2 * P, 64)
-    pm = peft.apply_prefix_tuning(model("t5-tiny"), n_virtual_tokens=P)
+    pm = peft.apply_prefix_tuning(fused("t5-tiny"), n_virtual_tokens=P)
     assert pm.prompt_encoder.embedding.weight.shape == (P, 2 * 2 * 4 * 16)  # (P, L·2·Hkv·D)
     kv = pm.prefix_kv(2, torch.float32, decoder=True)  # decoder layer i reads slot 2i mod L
     assert torch.equal(kv[1][0], kv[0][0]) and kv[0][0].shape == (2, 4, P, 16)
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: peft.apply_prompt_tuning(model("llama-tiny"), n_virtual_tokens=0), "n_virtual_tokens must be > 0"),
-    (lambda: peft.apply_p_tuning(model("llama-tiny"), encoder="GRU"), "MLP' or 'LSTM"),
-    (lambda: peft.apply_prompt_tuning(model("llama-tiny"), init_token_ids=[]), "at least one"),
-    (lambda: peft.apply_prefix_tuning(model("t5-tiny", n_decoder_layers=3)), "n_decoder_layers"),
+    (lambda: peft.apply_prompt_tuning(fused("llama-tiny"), n_virtual_tokens=0), "n_virtual_tokens must be > 0"),
+    (lambda: peft.apply_p_tuning(fused("llama-tiny"), encoder="GRU"), "MLP' or 'LSTM"),
+    (lambda: peft.apply_prompt_tuning(fused("llama-tiny"), init_token_ids=[]), "at least one"),
+    (lambda: peft.apply_prefix_tuning(fused("t5-tiny", n_decoder_layers=3)), "n_decoder_layers"),
     (lambda: peft.apply_prefix_tuning(torch.nn.Linear(2, 2)), "DecoderLM"),
 ])
 def test_bad_arguments(make, match):

@@ -1,23 +1,20 @@
 """QLoRA: NF4 base layers under LoRA, gradients, bitsandbytes state dicts."""
 import copy
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _util import assert_close, batch, model, randomize, run  # noqa: E402
+from tiny_models import assert_close, batch, fused, randomize, run
 
-from fusedlm import peft  # noqa: E402
-from fusedlm.nn import NF4Linear  # noqa: E402
-from fusedlm.peft import lora as lora_mod  # noqa: E402
+from fusedlm import peft
+from fusedlm.nn import NF4Linear
+from fusedlm.peft import lora as lora_mod
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "t5-tiny"])
 def test_every_block_linear_is_nf4_with_lora_on_top(name):
-    m = model(name)
+    m = fused(name)
     dense_total = peft.trainable_parameters(m)[1]
     peft.apply_qlora(m, r=4)
     layers = lora_mod.lora_layers(m)
@@ -45,7 +42,7 @@ def _dense_twin(q):
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_lora_gradients_equal_lora_on_the_dequantised_weight(name):
-    q = model(name)
+    q = fused(name)
     q.train()
     peft.apply_qlora(q, r=4, targets="all")
     randomize(q)
@@ -63,7 +60,7 @@ def test_lora_gradients_equal_lora_on_the_dequantised_weight(name):
 
 
 def test_merging_a_4bit_base_is_an_error():
-    m = model("llama-tiny")
+    m = fused("llama-tiny")
     peft.apply_qlora(m, r=4)
     with pytest.raises(ValueError, match="4-bit"):
         peft.merge(m)
@@ -90,9 +87,9 @@ def test_loads_a_bitsandbytes_4bit_state_dict(tmp_path):
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     with pytest.raises(ValueError, match="quantize the model first"):
-        peft.load_bnb_state_dict(hf.from_pretrained(str(tmp_path)), state)
+        hf.load_bnb_state_dict(hf.from_pretrained(str(tmp_path)), state)
     ours = peft.apply_qlora(hf.from_pretrained(str(tmp_path)), r=4)
-    peft.load_bnb_state_dict(ours, state)
+    hf.load_bnb_state_dict(ours, state)
     lin = ref.model.layers[1].mlp.down_proj
     w_bnb = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
     assert torch.equal(ours.decoder.blocks[1].mlp.down_proj.base_layer.dequantized_weight(), w_bnb)

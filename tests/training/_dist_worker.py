@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]  # _tiny, tiny_models
 import _tiny  # noqa: E402
 from fusedlm.training import Trainer, distributed, lm_loss  # noqa: E402
 

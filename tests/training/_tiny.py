@@ -1,7 +1,6 @@
-"""Tiny models and synthetic tasks the training tests learn in seconds."""
+"""Tiny models (tests/tiny_models.py with the training tests' sizes) and synthetic tasks they learn in seconds."""
 import torch
-
-from fusedlm.models import build, get_config
+from tiny_models import fused
 
 V = 64  # vocabulary of the tiny models
 
@@ -10,14 +9,7 @@ def model(preset: str = "llama-tiny", seed: int = 0, **overrides):
     """A tiny model with transformers' initialisation (normal(0, 0.02) weights, zero biases): the
     model layer keeps PyTorch's defaults, whose N(0, 1) embeddings make tied heads start far from
     uniform (an initial MLM loss near 20 instead of log V)."""
-    torch.manual_seed(seed)
-    m = build(get_config(preset, vocab_size=V, max_seq_len=64, **overrides))
-    for module in m.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                torch.nn.init.zeros_(module.bias)
-    return m
+    return fused(preset, seed=seed, init="normal", **{"vocab_size": V, "max_seq_len": 64, **overrides})
 
 
 def counting(n: int, length: int = 16, seed: int = 0, vocab: int = V, low: int = 4) -> list[dict]:

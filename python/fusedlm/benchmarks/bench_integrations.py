@@ -46,9 +46,9 @@ def _prompt(n: int) -> torch.Tensor:
 
 
 def _attention_cases(rows: list[Row], model, prompts, n_new: int) -> None:
-    import fusedlm.integrations.transformers as fl_transformers
+    from fusedlm.integrations import attention as fused_attention
 
-    fl_transformers.register()
+    fused_attention.register()
     fused = copy.deepcopy(model)
     fused.set_attn_implementation("fusedlm")
     with torch.inference_mode():

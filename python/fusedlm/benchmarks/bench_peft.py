@@ -154,7 +154,7 @@ def _fine_tuning(shape: dict, path: str, quantised: bool, reps: int) -> list[Row
     if quantised:
         ours = fpeft.quantize(hf.from_pretrained(path))  # NF4 layers (blocksize 64, double quant) to receive bnb's bytes
         base = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in pm.state_dict().items() if "lora_" not in k}
-        ours = peft_files.load_adapter(fpeft.load_bnb_state_dict(ours, base), adapter)
+        ours = peft_files.load_adapter(hf.load_bnb_state_dict(ours, base), adapter)
     else:
         ours = peft_files.load_adapter(hf.from_pretrained(path), adapter)
     ours.train()

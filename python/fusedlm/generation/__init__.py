@@ -4,7 +4,7 @@
     ids = generation.generate(model, ids, max_new_tokens=20, num_beams=4)   # transformers' arguments
 
 Strategies (each a loop over one model step with the KV cache, see step.py): greedy and sampling
-(greedy.py, through ``ops.sample``), beam search (beam.py), contrastive search (contrastive.py);
+(sampling.py, through ``ops.sample``), beam search (beam.py), contrastive search (contrastive.py);
 transformers' processors (processors.py). Remedies: retrievers (retrieval.py: BM25, dense), RAG
 prompts, abstention with a calibrated threshold and fact-checking (grounding.py).
 """

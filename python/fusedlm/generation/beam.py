@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .greedy import expand
+from .sequences import expand
 from .processors import Processors
 from .step import ModelStep
 

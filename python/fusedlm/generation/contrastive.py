@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .greedy import Sequences, expand
+from .sequences import Sequences, expand
 from .processors import Processors
 from .step import ModelStep
 

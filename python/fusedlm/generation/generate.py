@@ -18,9 +18,10 @@ import dataclasses
 
 import torch
 
+from .. import _validate as check
 from .beam import beam_search
 from .contrastive import contrastive_search
-from .greedy import decode
+from .sampling import greedy_or_sample
 from .processors import Processors
 from .step import ModelStep, is_seq2seq
 
@@ -35,41 +36,6 @@ class GenerateOutput:
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
     sequence_scores: torch.Tensor | None = None
-
-
-def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _row_param(name: str, value, batch: int, ok, expected: str):
-    """A scalar or a per-row tensor [batch] whose values all satisfy ok(tensor)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be a scalar or a tensor of shape [{batch}] (one per prompt), got shape {list(value.shape)}")
-        bad = ~ok(value)
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-        bad = ~ok(torch.tensor(value))
-    if bool(bad.any()):
-        got = value if not isinstance(value, torch.Tensor) else value[bad][0].item()
-        raise ValueError(f"{name} must be {expected}, got {got}")
-    return value
-
-
-def _token_ids(name: str, value) -> list[int] | None:
-    if value is None:
-        return None
-    ids = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if isinstance(ids, torch.Tensor):
-        ids = ids.reshape(-1).tolist()
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"{name} must be a token id (int >= 0) or a list of them, got {value!r}")
-    return list(ids)
 
 
 @torch.no_grad()
@@ -103,8 +69,8 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
             scores in beam search) instead of the ids.
         **model_kwargs: passed to every model call (``adapter_ids`` / ``task_ids`` of a mixed PEFT
             batch, ``prefix_len``, ...); tensors with a leading batch dimension B follow the rows
-            (repeated for beams / return sequences / candidates). ``prefix_kv`` /
-            ``cross_prefix_kv`` go with the first call only, ``encoder_prefix_kv`` to the encoder.
+            (repeated for beams / return sequences / candidates). The KV cache is the model's
+            ``new_cache``: a prefix-tuned model's holds its prefix keys/values.
 
     Raises ValueError (naming the argument) for out-of-range values, a mask of the wrong shape,
     num_return_sequences > num_beams, beam sampling (do_sample with num_beams > 1: not supported).
@@ -120,24 +86,18 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, got {got}")
-    _int("max_new_tokens", max_new_tokens, 1)
-    _int("min_new_tokens", min_new_tokens, 0)
-    _int("num_beams", num_beams, 1)
-    _int("num_return_sequences", num_return_sequences, 1)
-    _int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
-        raise TypeError(f"length_penalty must be a float, got {type(length_penalty).__name__}")
-    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be a float > 0 (1 = off), got {repetition_penalty!r}")
-    if isinstance(penalty_alpha, bool) or not isinstance(penalty_alpha, (int, float)) or not 0.0 <= penalty_alpha <= 1.0:
-        raise ValueError(f"penalty_alpha must be in [0, 1], got {penalty_alpha!r}")
-    _row_param("temperature", temperature, b, lambda t: torch.isfinite(t) & (t >= 0), "finite and >= 0 (0 = greedy)")
-    _row_param("top_p", top_p, b, lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 = off)")
-    if isinstance(top_k, float) or (isinstance(top_k, torch.Tensor) and top_k.is_floating_point()):
-        raise TypeError(f"top_k must be an int or an integer tensor, got {top_k!r}")
-    _row_param("top_k", top_k, b, lambda t: t >= 0, "an integer >= 0 (0 = off)")
+    check.integer("max_new_tokens", max_new_tokens, low=1)
+    check.integer("min_new_tokens", min_new_tokens, low=0)
+    check.integer("num_beams", num_beams, low=1)
+    check.integer("num_return_sequences", num_return_sequences, low=1)
+    check.integer("no_repeat_ngram_size", no_repeat_ngram_size, low=0)
+    check.choice("early_stopping", early_stopping, (True, False, "never"))
+    check.number("length_penalty", length_penalty)
+    check.number("repetition_penalty", repetition_penalty, low=0, low_open=True)
+    check.probability("penalty_alpha", penalty_alpha)
+    check.per_row("temperature", temperature, b, lambda t: torch.isfinite(t) & (t >= 0), "finite and >= 0 (0 = greedy)")
+    check.per_row("top_p", top_p, b, lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 = off)")
+    check.per_row("top_k", top_k, b, lambda t: t >= 0, "an integer >= 0 (0 = off)", integral=True)
     if num_beams > 1 and do_sample:
         raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported: use one of them")
     if num_beams > 1 and num_return_sequences > num_beams:
@@ -149,10 +109,11 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     if contrastive and (isinstance(top_k, torch.Tensor) or top_k < 2):
         raise ValueError(f"contrastive search (penalty_alpha > 0) needs an int top_k >= 2 candidates, got {top_k!r}")
 
-    eos_list = _token_ids("eos_token_id", cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos_list = None if eos is None else check.token_ids("eos_token_id", eos, single=True)
     eos = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device) if eos_list else None
-    if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0):
-        raise ValueError(f"pad_token_id must be a token id (int >= 0) or None, got {pad_token_id!r}")
+    if pad_token_id is not None:
+        check.token_id("pad_token_id", pad_token_id)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None and eos_list:
         pad = eos_list[0]
@@ -189,9 +150,9 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     else:
         per_row = [v.repeat_interleave(num_return_sequences) if isinstance(v, torch.Tensor) else v
                    for v in (temperature, top_k, top_p)]
-        ids, scores = decode(step, prompt, do_sample=do_sample, temperature=per_row[0], top_k=per_row[1], top_p=per_row[2],
-                             generator=generator, num_return_sequences=num_return_sequences, output_scores=output_scores,
-                             **common)
+        ids, scores = greedy_or_sample(step, prompt, do_sample=do_sample, temperature=per_row[0], top_k=per_row[1],
+                                       top_p=per_row[2], generator=generator, num_return_sequences=num_return_sequences,
+                                       output_scores=output_scores, **common)
     if output_scores:
         return GenerateOutput(sequences=ids, scores=scores, sequence_scores=seq_scores)
     return ids

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from ..models.layers import token_logprobs
+from ..models.logprobs import IGNORE_INDEX, token_logprobs
 from .generate import generate
 from .retrieval import Hit, Retriever
 
@@ -51,7 +51,7 @@ def confidence(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, pro
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     b, t = answer_ids.shape
     amask = torch.ones_like(answer_ids, dtype=torch.bool) if answer_mask is None else answer_mask.bool()
-    labels = answer_ids.masked_fill(~amask, -100)
+    labels = answer_ids.masked_fill(~amask, IGNORE_INDEX)
     if model.config.arch == "encoder-decoder":
         start = torch.full((b, 1), model.config.decoder_start_token_id, dtype=torch.long, device=answer_ids.device)
         dec = torch.cat([start, answer_ids[:, :-1].masked_fill(~amask[:, :-1], model.config.pad_token_id or 0)], 1)
@@ -60,7 +60,7 @@ def confidence(model, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, *, pro
         pmask = torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
         ids = torch.cat([prompt_ids, answer_ids.masked_fill(~amask, 0)], 1)
         logits = model(ids, attention_mask=torch.cat([pmask, amask], 1)).logits[:, prompt_ids.shape[1] - 1 : -1]  # (B, T, V)
-    logp = token_logprobs(logits, labels)  # (B, T), 0 where -100
+    logp = token_logprobs(logits, labels)  # (B, T), 0 where IGNORE_INDEX
     n = amask.sum(1)
     if method == "mean_logprob":
         out = logp.sum(1) / n.clamp(min=1)

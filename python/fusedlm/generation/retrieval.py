@@ -18,6 +18,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from .. import _validate as check
+
 
 @dataclasses.dataclass
 class Hit:
@@ -41,9 +43,7 @@ def _check_docs(docs) -> list[str]:
 
 
 def _check_k(k, n_docs: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    return min(k, n_docs)
+    return min(check.integer("k", k, low=1), n_docs)
 
 
 class BM25Retriever:

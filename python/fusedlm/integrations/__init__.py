@@ -5,10 +5,12 @@
     print(report)                        # what now runs on fusedlm, what was left alone and why
     integrations.undo(model)             # or report.undo(): the original modules and settings
 
-:func:`apply` patches in place: attention (``attn_implementation="fusedlm"``, see
-:mod:`.transformers`), peft LoRA ``Linear`` layers (:mod:`.peft`), bitsandbytes NF4
-``Linear4bit`` layers (:mod:`.bnb`) and sampling in ``generate`` (:mod:`.sampling`). Modules
-keep their classes, parameters and state dicts; only forwards (and the attention setting) change.
+:func:`apply` patches in place, one module per fused op it puts in: transformers' attention
+(``attn_implementation="fusedlm"``, :mod:`.attention`), peft LoRA ``Linear`` layers
+(:mod:`.lora`), bitsandbytes NF4 ``Linear4bit`` layers (:mod:`.nf4`) and sampling in
+``generate`` (:mod:`.sampling`). Modules keep their classes, parameters and state dicts; only
+forwards (and the attention setting) change. (``fusedlm.interop``, beside it, reads and writes
+those libraries' files.)
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 __all__ = ["apply", "undo", "Report"]
 
 
-def __getattr__(name: str):  # fusedlm.integrations.transformers etc. without importing every peer up front
-    if name in ("transformers", "peft", "bnb", "sampling"):
+def __getattr__(name: str):  # fusedlm.integrations.attention etc. without importing every peer up front
+    if name in ("attention", "lora", "nf4", "sampling"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -69,12 +71,12 @@ def _hf_model(model: torch.nn.Module):
 
 
 def _patch_attention(hf, report: Report) -> None:
-    from . import transformers as fl_transformers
+    from . import attention
 
-    fl_transformers.register()
+    attention.register()
     previous = hf.config._attn_implementation
     try:
-        hf.set_attn_implementation(fl_transformers.NAME)
+        hf.set_attn_implementation(attention.NAME)
     except (ValueError, KeyError, NotImplementedError) as e:
         report.left_alone.append(("attention", f"set_attn_implementation('fusedlm') failed: {e}"))
         return
@@ -82,36 +84,36 @@ def _patch_attention(hf, report: Report) -> None:
     report._undo.append(lambda: hf.set_attn_implementation(previous))
 
 
-def _patch_modules(model: torch.nn.Module, report: Report, *, lora: bool, nf4: bool) -> None:
-    lora_types, lora_layer, bnb_type = (), None, None
-    if lora and _installed("peft"):
+def _patch_modules(model: torch.nn.Module, report: Report, *, with_lora: bool, with_nf4: bool) -> None:
+    kinds = []  # (layer types, what the patch does, the module that patches them)
+    lora_layer = None
+    if with_lora and _installed("peft"):
         from peft.tuners.lora import LoraLayer
 
-        from . import peft as fl_peft
+        from . import lora
 
-        lora_types, lora_layer = fl_peft.LAYER_TYPES, LoraLayer
-    if nf4 and _installed("bitsandbytes"):
+        kinds.append((lora.LAYER_TYPES, "peft LoRA -> ops.lora_linear", lora))
+        lora_layer = LoraLayer
+    if with_nf4 and _installed("bitsandbytes"):
         import bitsandbytes
 
-        from . import bnb as fl_bnb
+        from . import nf4
 
-        bnb_type = bitsandbytes.nn.Linear4bit
+        kinds.append(((bitsandbytes.nn.Linear4bit,), "bnb Linear4bit -> ops.nf4_matmul", nf4))
     for name, module in model.named_modules():
-        if lora_types and isinstance(module, lora_types):
-            kind, why, patch, unpatch = "peft LoRA -> ops.lora_linear", fl_peft.why_not(module), fl_peft.patch, fl_peft.unpatch
-        elif lora_layer is not None and isinstance(module, lora_layer):
-            report.left_alone.append((name, f"peft {type(module).__name__} (fusedlm fuses LoRA Linear layers)"))
+        kind = next(((what, patcher) for types, what, patcher in kinds if isinstance(module, types)), None)
+        if kind is None:
+            if lora_layer is not None and isinstance(module, lora_layer):
+                report.left_alone.append((name, f"peft {type(module).__name__} (fusedlm fuses LoRA Linear layers)"))
             continue
-        elif bnb_type is not None and isinstance(module, bnb_type):
-            kind, why, patch, unpatch = "bnb Linear4bit -> ops.nf4_matmul", fl_bnb.why_not(module), fl_bnb.patch, fl_bnb.unpatch
-        else:
-            continue
+        what, patcher = kind
+        why = patcher.why_not(module)
         if why:
             report.left_alone.append((name, why))
             continue
-        patch(module)
-        report.patched.append((name, kind))
-        report._undo.append(lambda m=module, u=unpatch: u(m))
+        patcher.patch(module)
+        report.patched.append((name, what))
+        report._undo.append(lambda m=module, u=patcher.unpatch: u(m))
 
 
 def apply(model: torch.nn.Module, *, attention: bool = True, lora: bool = True, nf4: bool = True,
@@ -129,13 +131,13 @@ def apply(model: torch.nn.Module, *, attention: bool = True, lora: bool = True, 
         report.left_alone.append(("attention, sampling", f"{type(model).__name__} is not a transformers model"))
     if hf is not None and attention:
         _patch_attention(hf, report)
-    _patch_modules(model, report, lora=lora, nf4=nf4)
+    _patch_modules(model, report, with_lora=lora, with_nf4=nf4)
     if hf is not None and sampling and hasattr(hf, "_get_logits_processor"):
-        from . import sampling as fl_sampling
+        from . import sampling
 
-        fl_sampling.patch(hf)
+        sampling.patch(hf)
         report.patched.append(("generate", "sampling -> ops.sample"))
-        report._undo.append(lambda: fl_sampling.unpatch(hf))
+        report._undo.append(lambda: sampling.unpatch(hf))
     model._fusedlm_report = report
     report._undo.insert(0, lambda: delattr(model, "_fusedlm_report"))
     return report

@@ -30,7 +30,7 @@ from transformers.generation import (
 from transformers.generation.configuration_utils import GenerationMode
 
 from .. import ops
-from ._once import warn_once
+from .._warn import warn_once
 
 _WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)  # in transformers' order
 _plain_generate = contextvars.ContextVar("fusedlm_plain_generate", default=False)  # no assistant, no custom loop

@@ -40,6 +40,7 @@ from torch import nn
 from ..models import Seq2SeqLM
 from ..peft import lora as lora_mod
 from ..peft.prompts import PrefixEncoder, PromptEmbedding, PromptEncoder, PromptModel, wrap
+from ..peft import routing
 from ..peft.targets import set_module, target_of
 from . import hf
 
@@ -74,10 +75,10 @@ def module_map(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
     block linear of `model` (one entry, or n for a stacked checkpoint matrix such as GPT-2's c_attn)."""
     inner = _inner(model)
     cfg = inner.config
-    model_type = hf.guess_model_type(cfg)
-    strip = f"{model_type}." if cfg.arch == "encoder" and cfg.head == "none" else ""  # BertModel has no "bert." prefix
+    family = hf.family_of(cfg)
+    strip = family.base_prefix if cfg.arch == "encoder" and cfg.head == "none" else ""  # BertModel has no "bert." prefix
     out: dict[str, list[tuple[str, int, int]]] = {}
-    for ours, theirs, _, part in hf._table(cfg, model_type):
+    for ours, theirs, _, part in family.table(cfg):
         path = ours.removesuffix(".weight")
         if not ours.endswith(".weight") or target_of(path) is None:
             continue
@@ -87,20 +88,8 @@ def module_map(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
 
 
 def _read_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist (not a peft adapter directory)")
-    with open(config_path) as f:
-        config = json.load(f)
-    st, bin_ = os.path.join(path, WEIGHTS_NAME), os.path.join(path, BIN_NAME)
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        tensors = load_file(st)
-    elif os.path.exists(bin_):
-        tensors = torch.load(bin_, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {BIN_NAME}")
+    config = hf.read_json(os.path.join(path, CONFIG_NAME), note=" (not a peft adapter directory)")
+    tensors = hf.read_tensors(path, WEIGHTS_NAME, BIN_NAME, note="")
     return config, tensors
 
 
@@ -187,7 +176,7 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
         key = f"{_PREFIX}{module}.lora_A.weight"
         if module not in mapping:
             raise ValueError(f"adapter key {key!r}: {module!r} is not a block linear of this fusedlm "
-                             f"{hf.guess_model_type(inner.config)} model (its modules look like {next(iter(mapping))!r})")
+                             f"{inner.config.family} model (its modules look like {next(iter(mapping))!r})")
         a, b = pair["A"].float(), pair["B"].float()
         slices = sorted(mapping[module], key=lambda s: s[1])
         layers = [inner.get_submodule(p) for p, _, _ in slices]
@@ -229,6 +218,7 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
         _layer(inner, path, state).set_weights(name, a, b, s, float(config.get("lora_dropout", 0.0)))
     if state.active is None:
         state.active = name
+    routing.install(inner)  # adapter_ids of a mixed batch
     return model
 
 
@@ -290,7 +280,7 @@ def _lora_files(model: nn.Module, name: str) -> tuple[dict, dict]:
         raise ValueError(f"no LoRA adapter named {name!r} on this model (adapters: {[] if state is None else list(state.adapters)})")
     adapter = state.adapters[name]
     inner = _inner(model)
-    model_type = hf.guess_model_type(inner.config)
+    model_type = inner.config.family
     mapping = module_map(inner)
     tensors, ranks = {}, {}
     for module, slices in mapping.items():

@@ -12,64 +12,59 @@ only, as Hugging Face's generate does.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import KVCache, ModelOutput, Stack, lm_loss, routing, token_inputs
+from .base import LanguageModel
+from .cache import KVCache
+from .inputs import ModelOutput, token_inputs
+from .logprobs import mean_token_loss
+from .stack import Stack
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(LanguageModel):
+    arch = "decoder"
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "decoder":
-            raise ValueError(f"DecoderLM needs arch='decoder', got {config.arch!r}")
-        self.config = config
-        self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
+        super().__init__(config)
         self.decoder = Stack(config, config.n_layers, causal=True)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = self._output_layer()
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.tok_embed.weight
-        return KVCache(self.config, self.config.n_layers, batch, max_len, dtype=p.dtype, device=p.device)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
-        return self.tok_embed(input_ids) * self.config.embed_scale
+    def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
+        """An empty cache for `max_len` tokens, or one holding prefix keys/values (per layer (k, v),
+        each (B, Hkv, P, D): prefix tuning) and room for `max_len` tokens after them."""
+        return self._new_cache(self.config.n_layers, batch, max_len, prefix_kv=prefix_kv)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) of hidden states (..., d) (the tied embedding or lm_head)."""
-        return F.linear(h, self.tok_embed.weight if self.lm_head is None else self.lm_head.weight)
+        return self._to_vocab(h, self.lm_head)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, prefix_len=None,
-                prefix_kv=None, labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 output_hidden_states: bool = False, last_logits_only: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) — or inputs_embeds (B, N, d) — the new tokens (all of them, or those
         after the cache's); attention_mask (B, N) for these tokens (the cache remembers earlier
         ones). position_ids (B, N): explicit positions (default: pad-aware counting, see the module
-        docstring). prefix_len (int or (B,)): keys before it are seen by every query (mask "prefix");
-        required when config.mask is "prefix". prefix_kv: per layer (k, v) (B, Hkv, P, D) seen by
-        every query, counted as P past tokens (prefix tuning; with a cache, on the first call only).
-        adapter_ids / task_ids (B,): published to PEFT layers (see layers.routing).
+        docstring). prefix_len (int or (B,)): keys before it are seen by every query (attn_mode "prefix");
+        required when config.attn_mode is "prefix". cache: the keys/values before these tokens (see
+        :meth:`new_cache`: earlier calls, a prefix that counts as P past tokens); written to.
+
         last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
         return_logits=False: no logits (hidden states only)."""
         cfg = self.config
-        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
-        if cfg.mask == "prefix" and prefix_len is None:
-            raise ValueError("this model's config.mask is 'prefix': pass prefix_len (an int or a LongTensor [B])")
+        x, padding_mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
+        if cfg.attn_mode == "prefix" and prefix_len is None:
+            raise ValueError("this model's config.attn_mode is 'prefix': pass prefix_len (an int or a LongTensor [B])")
         if last_logits_only and labels is not None:
             raise ValueError("labels need the logits of every position: drop last_logits_only")
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.decoder(x, mask, attn_mask="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
-                                     position_ids=position_ids, prefix_kv=prefix_kv, cache=cache)
-            logits = None
-            if return_logits:
-                logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
-        return ModelOutput(logits=logits, last_hidden_state=h, loss=lm_loss(logits, labels, shift=True),
+        h, hidden = self.decoder(x, padding_mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
+                                 position_ids=position_ids, cache=cache)
+        logits = None
+        if return_logits:
+            logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
+        return ModelOutput(logits=logits, last_hidden_state=h, loss=mean_token_loss(logits, labels, shift=True),
                            hidden_states=hidden if output_hidden_states else None)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:

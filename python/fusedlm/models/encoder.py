@@ -12,57 +12,58 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import ModelOutput, Stack, check_ids, lm_loss, routing, token_inputs
+from .base import LanguageModel
+from .cache import KVCache
+from .inputs import ModelOutput, check_ids, token_inputs
+from .logprobs import mean_token_loss
+from .stack import Stack
 
 
-class EncoderLM(nn.Module):
+class EncoderLM(LanguageModel):
+    arch = "encoder"
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.arch != "encoder":
-            raise ValueError(f"EncoderLM needs arch='encoder', got {config.arch!r}")
-        self.config = config
+        super().__init__(config)
         d = config.d_model
-        self.tok_embed = nn.Embedding(config.vocab_size, d)
         self.encoder = Stack(config, config.n_layers, causal=False)
         if config.head == "lm":  # dense -> gelu -> LayerNorm -> decoder (tied) + bias
             self.mlm_dense = nn.Linear(d, d)
             self.mlm_norm = nn.LayerNorm(d, eps=config.norm_eps)
-            self.mlm_decoder = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+            self.mlm_decoder = self._output_layer()
             self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.pooler = nn.Linear(d, d) if config.pooler else None
         self.classifier = nn.Linear(d, config.n_labels) if config.head == "classifier" else None
         self.classifier_dropout = nn.Dropout(config.dropout)  # on the pooled vector, as BERT's classifier
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, d) of input_ids, as the model computes them (scale included)."""
-        return self.tok_embed(input_ids) * self.config.embed_scale
+    def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
+        """A cache holding prefix keys/values (per layer (k, v), each (B, Hkv, P, D)) for a forward
+        of up to `max_len` tokens after them."""
+        return self._new_cache(self.config.n_layers, batch, max_len, prefix_kv=prefix_kv)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, prefix_kv=None, labels: torch.Tensor | None = None,
-                adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, labels: torch.Tensor | None = None,
                 output_hidden_states: bool = False, return_logits: bool = True) -> ModelOutput:
         """input_ids (B, N) or inputs_embeds (B, N, d); labels: (B, N) token ids for the MLM head
-        (-100 ignored), (B,) classes for the classifier. prefix_kv, position_ids, adapter_ids,
-        task_ids: as in DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
+        (IGNORE_INDEX ignored), (B,) classes for the classifier. cache: a KVCache holding prefix
+        keys/values every token sees (prefix tuning; see :meth:`new_cache`). position_ids: as in
+        DecoderLM.forward. return_logits=False: hidden states (and pooled) only."""
         cfg = self.config
-        x, mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
+        x, padding_mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if token_type_ids is not None:
             check_ids("token_type_ids", token_type_ids, max(cfg.type_vocab_size, 1))
         if labels is not None and not return_logits:
             raise ValueError("labels need logits: drop return_logits=False")
-        with routing(x.shape[0], adapter_ids, task_ids):
-            h, hidden = self.encoder(x, mask, attn_mask="bidirectional", token_type_ids=token_type_ids,
-                                     position_ids=position_ids, prefix_kv=prefix_kv)
-            pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
-            logits, loss = None, None
-            if cfg.head == "lm" and return_logits:
-                t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
-                weight = self.tok_embed.weight if self.mlm_decoder is None else self.mlm_decoder.weight
-                logits = F.linear(t, weight, self.mlm_bias)  # (B, N, V)
-                loss = lm_loss(logits, labels, shift=False)
-            elif cfg.head == "classifier" and return_logits:
-                logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)
-                loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        h, hidden = self.encoder(x, padding_mask, attn_mode="bidirectional", token_type_ids=token_type_ids,
+                                 position_ids=position_ids, cache=cache)
+        pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
+        logits, loss = None, None
+        if cfg.head == "lm" and return_logits:
+            t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
+            logits = self._to_vocab(t, self.mlm_decoder, self.mlm_bias)  # (B, N, V)
+            loss = mean_token_loss(logits, labels, shift=False)
+        elif cfg.head == "classifier" and return_logits:
+            logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ModelOutput(logits=logits, last_hidden_state=h, loss=loss, pooled=pooled,
                            hidden_states=hidden if output_hidden_states else None)

@@ -17,9 +17,9 @@ from .bottleneck import BottleneckAdapter, apply_adapters
 from .lora import LoraLinear, adapter_names, apply_lora, disable, merge, set_adapter, unmerge
 from .params import count_lora_parameters, report, trainable_parameters
 from .prompts import PromptModel, apply_p_tuning, apply_prefix_tuning, apply_prompt_tuning
-from .qlora import apply_qlora, load_bnb_state_dict, quantize
+from .qlora import apply_qlora, quantize
 
 __all__ = ["apply_lora", "apply_qlora", "apply_prompt_tuning", "apply_p_tuning", "apply_prefix_tuning", "apply_adaptplora",
            "apply_adapters", "set_adapter", "adapter_names", "disable", "merge", "unmerge", "freeze_gate", "quantize",
-           "load_bnb_state_dict", "trainable_parameters", "report", "count_lora_parameters", "LoraLinear", "GatedLoraLinear",
+           "trainable_parameters", "report", "count_lora_parameters", "LoraLinear", "GatedLoraLinear",
            "PromptModel", "AdaPtLoRAModel", "BottleneckAdapter"]

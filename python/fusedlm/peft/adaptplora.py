@@ -22,11 +22,11 @@ import math
 import torch
 from torch import nn
 
+from .. import _validate as check
 from .. import ops
-from ..models.layers import current_routing, routing
-from ..nn import NF4Linear
-from .lora import _base_weight, check_hparams, freeze_base, positive_int, scaling_of
+from .lora import _base_weight, adapter_like, check_hparams, freeze_base, scaling_of
 from .prompts import PromptModel, _check_model, token_init
+from .routing import current_routing, install, routing
 from .targets import find_targets, set_module
 
 
@@ -35,12 +35,9 @@ class GatedLoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, n_tasks: int, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
-            raise TypeError(f"base_layer must be a torch.nn.Linear or fusedlm.nn.NF4Linear, got {type(base_layer).__name__}")
+        device, dtype = adapter_like(base_layer)
         self.base_layer = base_layer
         k, n = base_layer.in_features, base_layer.out_features
-        dtype = base_layer.weight_dtype if isinstance(base_layer, NF4Linear) else base_layer.weight.dtype
-        device = base_layer.weight.device
         self.lora_A = nn.Linear(k, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, n, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -116,8 +113,7 @@ class AdaPtLoRAModel(PromptModel):
     def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, task_ids=None, **kwargs):
         b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         task_ids = self._task_ids(task_ids, b)
-        with routing(b, task_ids=task_ids):
-            return super().encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, task_ids=task_ids, **kwargs)
+        return super().encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, task_ids=task_ids, **kwargs)
 
 
 def gated_layers(model: nn.Module) -> list[tuple[str, GatedLoraLinear]]:
@@ -129,8 +125,8 @@ def apply_adaptplora(model: nn.Module, *, n_tasks: int, n_prompt_tokens: int = 8
     """Freezes `model`, puts a gated shared LoRA on each of its `targets` and returns the
     :class:`AdaPtLoRAModel` that prepends the per-task prompts (length n_prompt_tokens)."""
     _check_model(model)
-    n_tasks = positive_int("n_tasks", n_tasks)
-    length = positive_int("n_prompt_tokens", n_prompt_tokens)
+    n_tasks = check.positive_int("n_tasks", n_tasks)
+    length = check.positive_int("n_prompt_tokens", n_prompt_tokens)
     r, alpha, dropout = check_hparams(r, alpha, dropout, "adaptplora")
     found = find_targets(model, targets)
     freeze_base(model)
@@ -138,7 +134,7 @@ def apply_adaptplora(model: nn.Module, *, n_tasks: int, n_prompt_tokens: int = 8
         set_module(model, path, GatedLoraLinear(module, n_tasks, r, alpha, dropout, bool(rslora)))
     init = None if init_token_ids is None else token_init(model, init_token_ids, length)
     prompts = TaskPrompts(n_tasks, length, model.config.d_model, init).to(model.tok_embed.weight.device)
-    return AdaPtLoRAModel(model, prompts, n_tasks)
+    return AdaPtLoRAModel(install(model), prompts, n_tasks)
 
 
 @torch.no_grad()
@@ -149,8 +145,7 @@ def freeze_gate(model: nn.Module, task: int, layers=None) -> None:
     if not gated:
         raise ValueError(f"this {type(model).__name__} has no AdaPtLoRA layer")
     n_tasks = next(iter(gated.values())).gate_logits.shape[0]
-    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < n_tasks:
-        raise ValueError(f"task must be an int in [0, {n_tasks}), got {task!r}")
+    check.integer("task", task, low=0, high=n_tasks - 1)
     names = list(gated) if layers is None else list(layers)
     unknown = [n for n in names if n not in gated]
     if unknown:

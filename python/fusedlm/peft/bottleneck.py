@@ -27,7 +27,8 @@ import functools
 import torch
 from torch import nn
 
-from .lora import freeze_base, positive_int
+from .. import _validate as check
+from .lora import freeze_base
 
 KINDS = {"pfeiffer": (("mlp",), "relu"), "houlsby": (("attn", "mlp"), "swish")}
 _ACTS = {"relu": nn.ReLU, "swish": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -39,8 +40,7 @@ class BottleneckAdapter(nn.Module):
 
     def __init__(self, d: int, reduction: int = 16, activation: str = "relu"):
         super().__init__()
-        if activation not in _ACTS:
-            raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
+        check.choice("activation", activation, sorted(_ACTS))
         width = max(1, d // reduction)
         self.down = nn.Linear(d, width)
         self.act = _ACTS[activation]()
@@ -78,13 +78,11 @@ def apply_adapters(model: nn.Module, *, kind: str = "pfeiffer", reduction: int =
     reduction: d_model // bottleneck width; activation: "relu", "swish", "gelu" or "tanh"
     (default: the kind's). Raises ValueError for an unknown kind, reduction <= 0, a model without
     blocks, or one that already carries adapters."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    reduction = positive_int("reduction", reduction)
+    check.choice("kind", kind, sorted(KINDS))
+    reduction = check.positive_int("reduction", reduction)
     sublayers, default_act = KINDS[kind]
     activation = default_act if activation is None else activation
-    if activation not in _ACTS:
-        raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
+    check.choice("activation", activation, sorted(_ACTS))
     blocks = [m for path, m in model.named_modules() if path.rsplit(".", 2)[-2:-1] == ["blocks"]]
     if not blocks:
         raise ValueError(f"this {type(model).__name__} has no transformer blocks (…blocks.<i>)")

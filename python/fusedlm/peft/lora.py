@@ -15,29 +15,30 @@ B zero, so an adapted model starts equal to its base); s = alpha / r (rsLoRA: al
 The base layer is an ``nn.Linear`` or a 4-bit :class:`fusedlm.nn.NF4Linear` (QLoRA).
 
 Mixed batches: ``adapter_ids`` (LongTensor [B], index = the order adapters were added, -1 = none)
-reach the layers through ``fusedlm.models.layers.current_routing()``; each layer then makes ONE
-``ops.lora_linear`` call for the whole batch, with its adapters stacked into ``lora_a [A, r_max, K]``
-and ``lora_b [A, N, r_max]``. Adapters of different ranks are zero-padded to the largest rank: the
-padded rows of A and columns of B contribute exact zeros (and get no gradient: the padding is made
-from the parameters by ``F.pad``), and one call keeps the kernel's single pass over the batch, where
-grouping by rank would cost one call per distinct rank. Each adapter's scale enters as its gate
-(``gates[a] = s_a``, ``scaling = 1``). Outside autograd the stacked tensors are cached until a
-parameter changes (decoding re-reads them every step).
+reach the layers through :mod:`fusedlm.peft.routing` (the forward pre-hook apply_lora installs on
+the model); each layer then makes ONE ``ops.lora_linear`` call for the whole batch, with its
+adapters stacked into ``lora_a [A, r_max, K]`` and ``lora_b [A, N, r_max]``. Adapters of different
+ranks are zero-padded to the largest rank: the padded rows of A and columns of B contribute exact
+zeros (and get no gradient: the padding is made from the parameters by ``F.pad``), and one call
+keeps the kernel's single pass over the batch, where grouping by rank would cost one call per
+distinct rank. Each adapter's scale enters as its gate (``gates[a] = s_a``, ``scaling = 1``).
+Outside autograd the stacked tensors are cached until a parameter changes (decoding re-reads them
+every step).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validate as check
 from .. import ops
-from ..models.layers import current_routing
 from ..nn import NF4Linear
+from . import routing
 from .targets import find_targets, set_module
 
 
@@ -94,6 +95,15 @@ def _base_weight(base: nn.Module):
     return base.qweight if isinstance(base, NF4Linear) else base.weight
 
 
+def adapter_like(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of an adapter on `base`, an nn.Linear or NF4Linear (TypeError otherwise)."""
+    if isinstance(base, NF4Linear):
+        return base.weight.device, base.weight_dtype
+    if isinstance(base, nn.Linear):
+        return base.weight.device, base.weight.dtype
+    raise TypeError(f"base_layer must be a torch.nn.Linear or fusedlm.nn.NF4Linear, got {type(base).__name__}")
+
+
 class LoraLinear(nn.Module):
     """A linear layer with LoRA adapters: ``base_layer`` plus ``lora_A[name]`` / ``lora_B[name]``.
 
@@ -105,8 +115,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, state: LoraState):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
-            raise TypeError(f"base_layer must be a torch.nn.Linear or fusedlm.nn.NF4Linear, got {type(base_layer).__name__}")
+        adapter_like(base_layer)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
@@ -119,14 +128,8 @@ class LoraLinear(nn.Module):
         self._stack_cache: tuple | None = None
         self._lut_cache: tuple | None = None
 
-    def _param_like(self) -> tuple[torch.device, torch.dtype]:
-        base = self.base_layer
-        if isinstance(base, NF4Linear):
-            return base.weight.device, base.weight_dtype
-        return base.weight.device, base.weight.dtype
-
     def _new(self, name: str, r: int) -> tuple[nn.Linear, nn.Linear]:
-        device, dtype = self._param_like()
+        device, dtype = adapter_like(self.base_layer)  # the base may have been quantised since
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self._stack_cache = None
@@ -156,7 +159,7 @@ class LoraLinear(nn.Module):
         state = self._state
         if state.peft_disabled:
             return self.base_layer(x)
-        ids = current_routing().adapter_ids
+        ids = routing.current_routing().adapter_ids
         if ids is not None:
             return self._mixed(x, ids)
         name = state.active
@@ -250,24 +253,12 @@ def lora_state(model: nn.Module) -> LoraState | None:
     return layers[0][1]._state if layers else None
 
 
-def positive_int(name: str, value) -> int:
-    """value as an int, > 0 (TypeError / ValueError naming `name` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
-
-
 def check_hparams(r, alpha, dropout, name) -> tuple[int, float, float]:
-    r = positive_int("r", r)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha <= 0:
-        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    """A LoRA adapter's rank (> 0), alpha (> 0), dropout (in [0, 1)) and name (no dots)."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"name must be a non-empty string without dots, got {name!r}")
-    return r, float(alpha), float(dropout)
+    return (check.positive_int("r", r), check.number("alpha", alpha, low=0, low_open=True),
+            check.probability("dropout", dropout, high_open=True))
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -302,7 +293,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
         module.add(config)
     if state.active is None:
         state.active = name
-    return model
+    return routing.install(model)
 
 
 def _require(model: nn.Module) -> LoraState:

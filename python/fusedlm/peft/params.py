@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import _validate as check
 from ..models.config import ModelConfig
 from ..nn import NF4Linear
-from .lora import positive_int
 from .targets import TARGETS, normalize_targets
 
 
@@ -50,7 +50,7 @@ def count_lora_parameters(config: ModelConfig, *, r: int, targets="all") -> int:
     match it by name). LLaMA-7B, r = 8, all seven targets: 19,988,480."""
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a fusedlm ModelConfig, got {type(config).__name__}")
-    r = positive_int("r", r)
+    r = check.positive_int("r", r)
     names = normalize_targets(targets)
     shapes = _shapes(config)
     if not (isinstance(targets, str) and targets == "all"):

@@ -9,7 +9,8 @@ Each returns a :class:`PromptModel` wrapping the (frozen) model; the base model 
 it. Prompt tuning and P-tuning make ``n_virtual_tokens`` embeddings (B, P, d) that enter through
 ``inputs_embeds`` before the tokens' own embeddings (``model.embed``); the attention mask gets P ones
 in front, labels P times -100. Prefix tuning makes per-layer keys/values (B, Hkv, P, D) that enter
-through the model's ``prefix_kv``: every query sees them, and they count as P past tokens. In both,
+through a KV cache holding them (``model.new_cache(..., prefix_kv=...)``): every query sees them,
+and they count as P past tokens. In both,
 real tokens' positions start at P, as in peft; a pad-aware model (left padding) counts real
 tokens only, so a left-padded row equals the row alone. (peft drops ``position_ids`` for prompt
 tuning / P-tuning, so its left-padded rows shift by their padding; pass ``position_ids`` here to
@@ -22,9 +23,9 @@ feeds decoder self-attention only (peft replaces the cross-attention cache by an
 decoder layer i reads the prefix slot (2i mod L) of the L = config.n_layers slots: peft duplicates
 the 2L key/value tensors and regroups them four at a time. Kept as is for file compatibility.
 
-Generation: the wrapper's :meth:`new_cache` sizes the cache for the P extra slots; the first call
-(empty cache) injects the virtual tokens, later calls pass through, so
-``fusedlm.generation.generate(pm, ids, ...)`` runs on it unchanged.
+Generation: the wrapper's :meth:`new_cache` holds the prefix keys/values (prefix tuning) or has
+room for the P virtual tokens the first call puts in (prompt tuning, P-tuning); calls on a cache
+that holds tokens pass through, so ``fusedlm.generation.generate(pm, ids, ...)`` runs on it unchanged.
 
 Shapes and names mirror peft's modules (their state dicts load one into the other):
 ``PromptEmbedding.embedding`` (T, d); P-tuning's ``PromptEncoder``: ``embedding`` (T, d) then
@@ -41,9 +42,12 @@ import math
 import torch
 from torch import nn
 
+from .. import _validate as check
 from ..models import DecoderLM, EncoderLM, Seq2SeqLM
-from ..models.layers import ModelOutput
-from .lora import freeze_base, positive_int
+from ..models.inputs import ModelOutput
+from ..models.logprobs import IGNORE_INDEX
+from .lora import freeze_base
+from .routing import routing
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 
@@ -104,7 +108,7 @@ class PrefixEncoder(nn.Module):
         return self.transform(e) if self.projection else e  # (P, L·2·Hkv·D)
 
 
-def _cat_mask(mask: torch.Tensor | None, b: int, n: int, p: int, device) -> torch.Tensor:
+def _cat_padding(mask: torch.Tensor | None, b: int, n: int, p: int, device) -> torch.Tensor:
     """(B, P + N) bool: P ones, then the given mask (None: all real)."""
     real = torch.ones(b, n, dtype=torch.bool, device=device) if mask is None else mask.bool()
     return torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), real], dim=1)
@@ -160,16 +164,30 @@ class PromptModel(nn.Module):
         return [(kv[(4 * i) % (2 * n_slots)], kv[(4 * i + 1) % (2 * n_slots)]) for i in range(cfg.n_decoder_layers)]
 
     def new_cache(self, batch: int, max_len: int):
-        """The wrapped model's cache, with room for the P virtual tokens where they go into it."""
-        extra = 0 if self.peft_disabled or (self.seq2seq and self.method != "prefix_tuning") else self.n_virtual_tokens
-        return self.model.new_cache(batch, max_len + extra)
+        """The wrapped model's cache for `max_len` tokens: holding the prefix (prefix tuning), or with
+        room for the P virtual tokens the first call puts in (a decoder's prompt tuning / P-tuning)."""
+        if self.peft_disabled:
+            return self.model.new_cache(batch, max_len)
+        if self.method == "prefix_tuning":
+            return self.model.new_cache(batch, max_len, prefix_kv=self.prefix_kv(batch, self._dtype(), decoder=self.seq2seq))
+        return self.model.new_cache(batch, max_len + (0 if self.seq2seq else self.n_virtual_tokens))
+
+    def _with_prefix(self, cache, b: int, n: int):
+        """A cache holding the prefix keys/values: `cache` if it does (from :meth:`new_cache`), the
+        prefix written into it if it is an empty cache of the wrapped model, else a new one with
+        room for n tokens after the prefix."""
+        if cache is None:
+            return self.model.new_cache(b, n, prefix_kv=self.prefix_kv(b, self._dtype(), decoder=self.seq2seq))
+        if not cache.n_prefix:
+            cache.add_prefix(self.prefix_kv(b, self._dtype(), decoder=self.seq2seq))
+        return cache
 
     # ---- forward --------------------------------------------------------------------------------
     def _prepend(self, input_ids, inputs_embeds, attention_mask):
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, N, d)
         b, n, _ = x.shape
         x = torch.cat([self.prompts(b, x.dtype), x], dim=1)  # (B, P + N, d)
-        return x, _cat_mask(attention_mask, b, n, self.n_virtual_tokens, x.device)
+        return x, _cat_padding(attention_mask, b, n, self.n_virtual_tokens, x.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> ModelOutput:
         if self.peft_disabled:
@@ -178,13 +196,14 @@ class PromptModel(nn.Module):
             return self._seq2seq(input_ids, **kwargs)
         p = self.n_virtual_tokens
         cache = kwargs.get("cache")
-        if cache is not None and cache.length > 0:  # a later decoding step: the cache holds the virtual tokens
+        if cache is not None and cache.length > cache.n_prefix:  # a later decoding step: the cache holds the virtual tokens
             return self.model(input_ids, **kwargs)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + p
         if self.method == "prefix_tuning":
-            b = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
-            return self.model(input_ids, prefix_kv=self.prefix_kv(b, self._dtype()), **kwargs)
+            tokens = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+            kwargs["cache"] = self._with_prefix(cache, tokens.shape[0], tokens.shape[1])
+            return self.model(input_ids, **kwargs)
         x, mask = self._prepend(input_ids, kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
         b = x.shape[0]
         if kwargs.get("position_ids") is not None:
@@ -192,32 +211,38 @@ class PromptModel(nn.Module):
             kwargs["position_ids"] = torch.cat([head, kwargs["position_ids"]], dim=1)
         if kwargs.get("labels") is not None:
             labels = kwargs["labels"]
-            kwargs["labels"] = torch.cat([labels.new_full((b, p), -100), labels], dim=1)
+            kwargs["labels"] = torch.cat([labels.new_full((b, p), IGNORE_INDEX), labels], dim=1)
         if kwargs.get("prefix_len") is not None:  # prefix-LM: the virtual tokens join the bidirectional part
             kwargs["prefix_len"] = kwargs["prefix_len"] + p
         out = self.model(inputs_embeds=x, attention_mask=mask, **kwargs)
         return _strip(out, p, kwargs.get("last_logits_only", False))
 
-    def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, **kwargs) -> torch.Tensor:
-        """Seq2SeqLM: the encoder output (B, [P +] M, d), the virtual tokens first (prompt methods)."""
-        if self.method == "prefix_tuning" or self.peft_disabled:
-            return self.model.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **kwargs)
-        x, mask = self._prepend(input_ids, inputs_embeds, attention_mask)
-        return self.model.encode(inputs_embeds=x, attention_mask=mask, **kwargs)
+    def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, adapter_ids=None, task_ids=None,
+               **kwargs) -> torch.Tensor:
+        """Seq2SeqLM: the encoder output (B, [P +] M, d), the virtual tokens first (prompt methods);
+        adapter_ids / task_ids route the encoder's PEFT layers (see :mod:`.routing`)."""
+        b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        with routing(b, adapter_ids, task_ids):
+            if self.method == "prefix_tuning" or self.peft_disabled:
+                return self.model.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+            x, mask = self._prepend(input_ids, inputs_embeds, attention_mask)
+            return self.model.encode(inputs_embeds=x, attention_mask=mask, **kwargs)
 
     def _seq2seq(self, input_ids, *, inputs_embeds=None, attention_mask=None, encoder_out=None, cache=None, **kwargs):
         p = self.n_virtual_tokens
         if self.method == "prefix_tuning":
-            if cache is None or cache.length == 0:
-                b = (input_ids if input_ids is not None else inputs_embeds if inputs_embeds is not None else encoder_out).shape[0]
-                kwargs["prefix_kv"] = self.prefix_kv(b, self._dtype(), decoder=True)
+            if cache is None or cache.length == cache.n_prefix:  # the first decoder call
+                source = next(t for t in (input_ids, inputs_embeds, encoder_out) if t is not None)
+                target = next((t for t in (kwargs.get("decoder_input_ids"), kwargs.get("decoder_inputs_embeds"),
+                               kwargs.get("labels")) if t is not None), None)  # None: the model says what is missing
+                cache = self._with_prefix(cache, source.shape[0], 0 if target is None else target.shape[1])
             return self.model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, encoder_out=encoder_out,
                               cache=cache, **kwargs)
         if encoder_out is None:
-            routing = {k: kwargs[k] for k in ("adapter_ids", "task_ids") if k in kwargs}
-            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **routing)
+            ids = {k: kwargs[k] for k in ("adapter_ids", "task_ids") if k in kwargs}
+            encoder_out = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds, **ids)
         if attention_mask is not None and attention_mask.shape[1] + p == encoder_out.shape[1]:
-            attention_mask = _cat_mask(attention_mask, attention_mask.shape[0], attention_mask.shape[1], p, encoder_out.device)
+            attention_mask = _cat_padding(attention_mask, attention_mask.shape[0], attention_mask.shape[1], p, encoder_out.device)
         return self.model(encoder_out=encoder_out, attention_mask=attention_mask, cache=cache, **kwargs)
 
     def _dtype(self) -> torch.dtype:
@@ -259,7 +284,7 @@ def apply_prompt_tuning(model, *, n_virtual_tokens: int = 20, init_token_ids=Non
     """Prompt tuning: n_virtual_tokens trainable embeddings before the input (the model frozen).
     Init N(0, 1), or the embeddings of `init_token_ids` repeated and truncated to length."""
     _check_model(model)
-    n = positive_int("n_virtual_tokens", n_virtual_tokens)
+    n = check.positive_int("n_virtual_tokens", n_virtual_tokens)
     rows = n * (2 if isinstance(model, Seq2SeqLM) else 1)
     init = None if init_token_ids is None else token_init(model, init_token_ids, rows)
     return wrap(model, PromptEmbedding(rows, model.config.d_model, init), "prompt_tuning", n)
@@ -270,22 +295,22 @@ def apply_p_tuning(model, *, n_virtual_tokens: int = 20, encoder: str = "MLP", h
     """P-tuning: virtual token embeddings produced by a trainable prompt encoder (``encoder`` "MLP"
     or "LSTM"; hidden_size defaults to d_model, as peft's encoder_hidden_size)."""
     _check_model(model)
-    n = positive_int("n_virtual_tokens", n_virtual_tokens)
+    n = check.positive_int("n_virtual_tokens", n_virtual_tokens)
     d = model.config.d_model
     rows = n * (2 if isinstance(model, Seq2SeqLM) else 1)
-    hidden = d if hidden_size is None else positive_int("hidden_size", hidden_size)
-    return wrap(model, PromptEncoder(rows, d, hidden, encoder, positive_int("num_layers", num_layers), dropout), "p_tuning", n)
+    hidden = d if hidden_size is None else check.positive_int("hidden_size", hidden_size)
+    return wrap(model, PromptEncoder(rows, d, hidden, encoder, check.positive_int("num_layers", num_layers), dropout), "p_tuning", n)
 
 
 def apply_prefix_tuning(model, *, n_virtual_tokens: int = 20, projection: bool = False, hidden_size: int | None = None) -> PromptModel:
     """Prefix tuning: per-layer key/value prefixes (Hkv heads), from a table or (projection=True) the
     reparametrisation MLP; hidden_size defaults to Hkv·D (peft's encoder_hidden_size)."""
     _check_model(model)
-    n = positive_int("n_virtual_tokens", n_virtual_tokens)
+    n = check.positive_int("n_virtual_tokens", n_virtual_tokens)
     cfg = model.config
     if isinstance(model, Seq2SeqLM) and cfg.n_decoder_layers > cfg.n_layers:
         raise ValueError(f"prefix tuning on an encoder-decoder follows peft's layout, which has prefixes for n_layers={cfg.n_layers} "
                          f"decoder layers; this model has n_decoder_layers={cfg.n_decoder_layers}")
     token_dim = cfg.n_kv_heads * cfg.head_dim
-    hidden = None if hidden_size is None else positive_int("hidden_size", hidden_size)
+    hidden = None if hidden_size is None else check.positive_int("hidden_size", hidden_size)
     return wrap(model, PrefixEncoder(n, cfg.n_layers, token_dim, bool(projection), hidden), "prefix_tuning", n)

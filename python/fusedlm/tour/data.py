@@ -60,38 +60,19 @@ def pack(tok: Tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, N), mask (B, N) bool) with rows padded on the right to the longest."""
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return ids, mask
+    return _pad(rows, pad_id, "right")
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, N), mask (B, N) bool) with rows padded on the left (prompts for generation)."""
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = True
-    return ids, mask
+    return _pad(rows, pad_id, "left")
 
 
-def prompt_response(tok: Tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """SFT batch: prompt + " " + response + EOS, right-padded; labels only on the response and EOS."""
-    rows, starts = [], []
-    for prompt, response in pairs:
-        p, r = tok.encode(prompt), tok.encode(response) + [tok.eos_id]
-        rows.append(p + r)
-        starts.append(len(p))
-    ids, mask = right_pad(rows, tok.pad_id)
-    labels = ids.masked_fill(~mask, -100)
-    for i, s in enumerate(starts):
-        labels[i, :s] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..training.data import pad_rows
+
+    ids = pad_rows([torch.tensor(r, dtype=torch.long) for r in rows], pad_id, side)
+    return ids, pad_rows([torch.ones(len(r), dtype=torch.bool) for r in rows], False, side)
 
 
 def generate_text(model, tok: Tokenizer, prompts: list[str], *, batch: int = 32, max_new_tokens: int = 6,

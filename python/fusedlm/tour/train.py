@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import token_logprobs
+from ..models.logprobs import IGNORE_INDEX
 from .context import Context
 from .data import right_pad
 
@@ -33,7 +33,7 @@ def mean_loss(history: list[dict], first: bool, n: int = 10) -> float:
 def _forced(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
     """prompt + answer rows, right-padded: ids, mask (B, N) and labels on the answer only."""
     ids, mask = right_pad([p + a for p, a in zip(prompts, answers)], pad_id)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     for i, (p, a) in enumerate(zip(prompts, answers)):
         labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
     return ids, mask, labels
@@ -46,12 +46,14 @@ def exact_match(model, prompts: list[list[int]], answers: list[list[int]], pad_i
     model.eval()
     ids, mask, labels = _forced(prompts, answers, pad_id)
     pred, target = model(ids, attention_mask=mask, **model_kwargs).logits[:, :-1].argmax(-1), labels[:, 1:]  # (B, N-1)
-    return ((pred == target) | (target == -100)).all(1)
+    return ((pred == target) | (target == IGNORE_INDEX)).all(1)
 
 
 @torch.no_grad()
 def sequence_logprob(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, **model_kwargs) -> torch.Tensor:
     """(B,) float32: log p(answer | prompt), summed over the answer's tokens."""
+    from ..training.lm import sequence_logprobs
+
     model.eval()
     ids, mask, labels = _forced(prompts, answers, pad_id)
-    return token_logprobs(model(ids, attention_mask=mask, **model_kwargs).logits[:, :-1], labels[:, 1:]).sum(1)
+    return sequence_logprobs(model, ids, mask, labels, **model_kwargs)[0]

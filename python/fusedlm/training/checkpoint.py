@@ -142,11 +142,3 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     sd = model.state_dict()
     t = sd[key]
     return any(k != key and v.data_ptr() == t.data_ptr() and v.shape == t.shape for k, v in sd.items())
-
-
-def latest(out_dir: str) -> str | None:
-    """The newest checkpoint-<step> folder in out_dir, or None."""
-    if not os.path.isdir(out_dir):
-        return None
-    steps = [int(d.split("-")[1]) for d in os.listdir(out_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return os.path.join(out_dir, f"checkpoint-{max(steps)}") if steps else None

@@ -13,6 +13,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import _validate as check
+from ..models.logprobs import IGNORE_INDEX
+
 
 class Loader:
     """Infinite iterator of collated micro-batches (epochs wrap around)."""
@@ -21,8 +24,7 @@ class Loader:
                  shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a sequence (len and indexing), got {type(dataset).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check.integer("batch_size", batch_size, low=1)
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.global_batch = batch_size * world_size
@@ -73,23 +75,23 @@ def pad_collate(examples: list[dict], *, pad_token_id: int = 0, padding_side: st
     with 0); an "attention_mask" is added for each "...input_ids" that has none. Scalars stack."""
     if not examples:
         raise ValueError("pad_collate needs at least one example")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    check.choice("padding_side", padding_side, ("right", "left"))
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
         values = [torch.as_tensor(e[key]) for e in examples]
         if values[0].dim() == 0:
             batch[key] = torch.stack(values)
             continue
-        fill = pad_token_id if key.endswith("input_ids") else -100 if key.endswith("labels") else 0
-        batch[key] = _pad(values, fill, padding_side)
+        fill = pad_token_id if key.endswith("input_ids") else IGNORE_INDEX if key.endswith("labels") else 0
+        batch[key] = pad_rows(values, fill, padding_side)
         mask_key = key.replace("input_ids", "attention_mask")
         if key.endswith("input_ids") and mask_key not in examples[0]:
-            batch[mask_key] = _pad([torch.ones(len(v), dtype=torch.long) for v in values], 0, padding_side)
+            batch[mask_key] = pad_rows([torch.ones(len(v), dtype=torch.long) for v in values], 0, padding_side)
     return batch
 
 
-def _pad(values: list[torch.Tensor], fill, side: str) -> torch.Tensor:
+def pad_rows(values: list[torch.Tensor], fill, side: str) -> torch.Tensor:
+    """The 1-D (or more) tensors `values` stacked (B, N, ...), padded with `fill` on `side` ("right" | "left") to the longest."""
     n = max(v.shape[0] for v in values)
     out = values[0].new_full((len(values), n, *values[0].shape[1:]), fill)
     for i, v in enumerate(values):

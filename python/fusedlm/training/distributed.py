@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .. import _validate as check
+
 STRATEGIES = ("none", "ddp", "fsdp")
 
 
@@ -65,8 +67,7 @@ def wrap(model: nn.Module, strategy: str) -> nn.Module:
     """The model the Trainer steps: as is ("none"), in DistributedDataParallel ("ddp"), or sharded
     in place by FSDP2 ("fsdp": each transformer block, then the root, is ``fully_shard``-ed over
     all ranks; parameters become DTensors)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check.choice("strategy", strategy, STRATEGIES)
     if strategy == "none":
         return model
     if not dist.is_initialized():

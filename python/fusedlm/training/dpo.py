@@ -17,34 +17,13 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed, losses
 from .data import pad_collate
+from .lm import sequence_logprobs
 from .preference import stack_pairs
 
-IGNORE = -100
 Reference = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens of each row (a decoder: label i + 1 given the
-    tokens up to i) and their counts, (B,) each, float32. A DecoderLM projects only the labelled
-    positions onto the vocabulary."""
-    inner = distributed.unwrap(model)
-    target_all = labels[:, 1:]
-    keep = target_all != IGNORE  # (B, N-1)
-    target = target_all[keep]  # (M,)
-    if hasattr(inner, "head") and inner.config.arch == "decoder":
-        h = model(input_ids, attention_mask=attention_mask, return_logits=False).last_hidden_state
-        logits = inner.head(h[:, :-1][keep])  # (M, V)
-    else:
-        logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
-    token_lp = -F.cross_entropy(logits.float(), target, reduction="none")  # (M,)
-    rows = keep.nonzero()[:, 0]
-    seq = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_lp)
-    return seq, keep.sum(1)
 
 
 def frozen_copy(model: nn.Module) -> Reference:
@@ -112,10 +91,7 @@ class DPO:
         if not callable(reference):
             raise TypeError("reference must be frozen_copy(model), precomputed(), adapters_disabled() or a function "
                             f"(policy, ids, mask, labels, batch) -> (ref_chosen, ref_rejected); got {type(reference).__name__}")
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a number > 0, got {beta!r}")
-        if loss_type not in losses.DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {losses.DPO_LOSS_TYPES}, got {loss_type!r}")
+        losses.check_dpo_hparams(beta, loss_type, label_smoothing)
         self.reference, self.beta, self.loss_type, self.label_smoothing = reference, beta, loss_type, label_smoothing
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:

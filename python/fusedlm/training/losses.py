@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _validate as check
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
@@ -56,12 +58,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     _check_same_shape(names, tensors)
     if policy_chosen.shape[0] == 0:
         raise ValueError("dpo_loss needs at least one preference pair, got an empty batch")
-    if not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_dpo_hparams(beta, loss_type, label_smoothing)
     chosen_ratio = policy_chosen - ref_chosen  # (B,)
     rejected_ratio = policy_rejected - ref_rejected
     if loss_type == "ipo":
@@ -82,6 +79,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         eps = label_smoothing
         losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
     return losses.mean()
+
+
+def check_dpo_hparams(beta, loss_type, label_smoothing) -> None:
+    """beta > 0, loss_type one of DPO_LOSS_TYPES, label_smoothing in [0, 0.5)."""
+    check.number("beta", beta, low=0, low_open=True)
+    check.choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check.number("label_smoothing", label_smoothing, low=0, high=0.5, high_open=True)
 
 
 def dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float = 0.1) -> dict[str, float]:
@@ -150,11 +154,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     http://joschu.net/blog/kl-approx.html: k1 = −log r, k3 = (r − 1) − log r, r = π_ref / π."""
     _check_same_shape(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs))
     log_ratio = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k3":
-        return log_ratio.exp() - 1 - log_ratio
-    raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    check.choice("estimator", estimator, ("k1", "k3"))
+    return -log_ratio if estimator == "k1" else log_ratio.exp() - 1 - log_ratio
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,

@@ -16,21 +16,10 @@ import math
 
 import torch
 
-IGNORE = -100
+from .. import _validate as check
+from ..models.inputs import check_ids
+from ..models.logprobs import IGNORE_INDEX as IGNORE
 
-
-def _check_ids(name: str, ids) -> None:
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer (int64) tensor, got {ids.dtype}")
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"{name} must have shape [B, N] with N >= 1, got {list(ids.shape)}")
-
-
-def _check_probability(name: str, p: float, low_open: bool = False) -> None:
-    if not isinstance(p, (int, float)) or not (0.0 < p < 1.0 if low_open else 0.0 <= p <= 1.0):
-        raise ValueError(f"{name} must be in {'(0, 1)' if low_open else '[0, 1]'}, got {p!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +29,7 @@ def clm(input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token prediction: labels = input_ids, with padding (attention_mask == 0, or tokens
     equal to pad_token_id) set to -100. The model shifts (position i predicts label i + 1)."""
-    _check_ids("input_ids", input_ids)
+    check_ids("input_ids", input_ids)
     labels = input_ids.clone()
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -57,7 +46,7 @@ def prefix_lm(input_ids: torch.Tensor, *, prefix_len: int | torch.Tensor | None 
     bidirectional prefix without loss; the loss is on the continuation only. prefix_len: an int,
     a LongTensor [B], or None (drawn uniformly from [1, N-1] per row). Returns (input_ids, labels,
     prefix_len [B]) for ``model(ids, prefix_len=prefix_len, labels=labels)``."""
-    _check_ids("input_ids", input_ids)
+    check_ids("input_ids", input_ids)
     b, n = input_ids.shape
     if n < 2:
         raise ValueError(f"prefix_lm needs rows of at least 2 tokens, got N={n}")
@@ -83,8 +72,8 @@ def mlm(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, special
     special_tokens_mask (B, N) bool: tokens never selected ([CLS], [SEP], padding: pass them
     here). The random draws are made in the collator's order, so the same generator state gives
     the collator's exact output."""
-    _check_ids("input_ids", input_ids)
-    _check_probability("probability", probability)
+    check_ids("input_ids", input_ids)
+    check.probability("probability", probability)
     if not 0 <= mask_token_id < vocab_size:
         raise ValueError(f"mask_token_id must be in [0, vocab_size={vocab_size}), got {mask_token_id}")
     labels, inputs = input_ids.clone(), input_ids.clone()
@@ -155,10 +144,9 @@ def span_corruption(input_ids: torch.Tensor, *, vocab_size: int, eos_token_id: i
     <extra_id_0> = vocab_size - 1, <extra_id_1> = vocab_size - 2, ... (vocab_size: the
     tokenizer's, sentinels included). Every row has the same counts, so the outputs are dense:
     inputs (B, N - noise + spans + 1), targets (B, noise + spans + 1)."""
-    _check_ids("input_ids", input_ids)
-    _check_probability("noise_density", noise_density, low_open=True)
-    if not mean_span_length >= 1:
-        raise ValueError(f"mean_span_length must be >= 1, got {mean_span_length}")
+    check_ids("input_ids", input_ids)
+    check.probability("noise_density", noise_density, low_open=True, high_open=True)
+    check.number("mean_span_length", mean_span_length, low=1)
     b, n = input_ids.shape
     if n < 2:
         raise ValueError(f"span_corruption needs rows of at least 2 tokens, got N={n}")
@@ -245,10 +233,9 @@ def text_infilling(input_ids: torch.Tensor, *, mask_token_id: int, pad_token_id:
     tokens are covered by spans of Poisson(poisson_lambda) lengths at random starts; each span
     becomes ONE mask token, a 0-length span inserts a mask. Returns (inputs right-padded with
     pad_token_id, labels = the original rows with padding -100) for a Seq2SeqLM."""
-    _check_ids("input_ids", input_ids)
-    _check_probability("mask_ratio", mask_ratio)
-    if not poisson_lambda > 0:
-        raise ValueError(f"poisson_lambda must be > 0, got {poisson_lambda}")
+    check_ids("input_ids", input_ids)
+    check.probability("mask_ratio", mask_ratio)
+    check.number("poisson_lambda", poisson_lambda, low=0, low_open=True)
     rows = [_infill_row(r, mask_token_id, mask_ratio, poisson_lambda, generator) for r in _split_rows(input_ids, pad_token_id)]
     return _pad_rows(rows, pad_token_id), input_ids.masked_fill(input_ids == pad_token_id, IGNORE)
 
@@ -268,7 +255,7 @@ def sentence_permutation(input_ids: torch.Tensor, *, full_stop_id: int, pad_toke
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BART's sentence permutation: the sentences of each right-padded row "BOS ... EOS" (split
     after each full_stop_id) in a random order. Returns (inputs, labels = the original rows)."""
-    _check_ids("input_ids", input_ids)
+    check_ids("input_ids", input_ids)
     rows = [_permute_row(r, full_stop_id, generator) if r.shape[0] > 2 else r for r in _split_rows(input_ids, pad_token_id)]
     return _pad_rows(rows, pad_token_id), input_ids.masked_fill(input_ids == pad_token_id, IGNORE)
 

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..models.layers import token_logprobs
+from .. import _validate as check
+from ..models.logprobs import token_logprobs
 from . import distributed, losses
 from .reward import RewardModel
 
@@ -118,11 +119,9 @@ class PPOConfig:
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size})")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        check.choice("kl_estimator", self.kl_estimator, ("k1", "k3"))
         for name in ("response_length", "num_ppo_epochs", "mini_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+            check.integer(f"PPOConfig.{name}", getattr(self, name), low=1)
 
 
 class PPORollouts:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..models.logprobs import IGNORE_INDEX
 from .sft import sft_example
 
 
@@ -52,5 +53,5 @@ def stack_pairs(batch: dict, pad_token_id: int = 0) -> tuple[torch.Tensor, torch
             if batch[f"{side}_labels"].shape != batch[f"{side}_input_ids"].shape:
                 raise ValueError(f"{side}_labels must have the shape of {side}_input_ids "
                                  f"{list(batch[f'{side}_input_ids'].shape)}, got {list(batch[f'{side}_labels'].shape)}")
-        labels = torch.cat([_pad_to(batch["chosen_labels"], n, -100), _pad_to(batch["rejected_labels"], n, -100)])
+        labels = torch.cat([_pad_to(batch["chosen_labels"], n, IGNORE_INDEX), _pad_to(batch["rejected_labels"], n, IGNORE_INDEX)])
     return ids, mask, labels

@@ -12,25 +12,20 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-IGNORE = -100
+from .. import _validate as check
+from ..models.logprobs import IGNORE_INDEX as IGNORE
+
 # one turn: a role header, the content, an end marker. The header is prompt; an assistant's
 # content and end marker are what the model learns to produce.
 CHAT_TEMPLATE = ("<|{role}|>\n", "{content}<|end|>\n")
 ROLES = ("system", "user", "assistant")
 
 
-def _ids(name: str, ids) -> list[int]:
-    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    if not all(isinstance(t, int) and t >= 0 for t in ids):
-        raise ValueError(f"{name} must be a sequence of non-negative token ids")
-    return ids
-
-
 def sft_example(prompt_ids: Sequence[int], response_ids: Sequence[int], *, eos_token_id: int | None = None,
                 bos_token_id: int | None = None, max_len: int | None = None, loss_on_prompt: bool = False) -> dict:
     """[bos] + prompt + response + [eos] with labels = the ids on the response (and eos), -100 on
     the prompt (unless loss_on_prompt); cut to max_len tokens from the right."""
-    prompt, response = _ids("prompt_ids", prompt_ids), _ids("response_ids", response_ids)
+    prompt, response = check.token_ids("prompt_ids", prompt_ids), check.token_ids("response_ids", response_ids)
     if not response:
         raise ValueError("response_ids is empty: an SFT example needs a response to learn")
     prompt = ([bos_token_id] if bos_token_id is not None else []) + prompt
@@ -75,8 +70,7 @@ def pack(examples: Sequence[dict], seq_len: int, *, pad_token_id: int = 0) -> li
     restart at 0 with every example, and the first token of an example gets no label (it is not
     predicted from the previous example). Attention is still causal over the whole row, so a
     token sees the examples packed before it in its row."""
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    check.integer("seq_len", seq_len, low=2)
     if not examples:
         raise ValueError("pack needs at least one example")
     ids, labels, positions = [], [], []

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .. import _validate as check
 from . import checkpoint, distributed
 from .data import Loader, eval_batches, pad_collate
 
@@ -59,16 +60,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ValueError(f"TrainConfig.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
-        if self.strategy not in ("auto", *distributed.STRATEGIES):
-            raise ValueError(f"TrainConfig.strategy must be 'auto' or one of {distributed.STRATEGIES}, got {self.strategy!r}")
+            check.integer(f"TrainConfig.{name}", getattr(self, name), low=1)
+        check.choice("TrainConfig.schedule", self.schedule, SCHEDULES)
+        check.number("TrainConfig.lr", self.lr, low=0, low_open=True)
+        check.integer("TrainConfig.warmup_steps", self.warmup_steps, low=0, high=self.max_steps)
+        check.choice("TrainConfig.strategy", self.strategy, ("auto", *distributed.STRATEGIES))
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:

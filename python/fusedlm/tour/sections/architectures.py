@@ -33,7 +33,7 @@ def run(ctx: Context) -> Section:
     built = []
     for name, cfg, call in (
         ("decoder-only (causal)", decoder_config(ctx), lambda m, ids: m(ids)),
-        ("prefix-LM (decoder, prefix bidirectional)", decoder_config(ctx, mask="prefix"), lambda m, ids: m(ids, prefix_len=4)),
+        ("prefix-LM (decoder, prefix bidirectional)", decoder_config(ctx, attn_mode="prefix"), lambda m, ids: m(ids, prefix_len=4)),
         ("encoder-only (MLM head)", encoder_config(ctx), lambda m, ids: m(ids)),
         ("encoder-decoder", seq2seq_config(ctx), lambda m, ids: m(ids, decoder_input_ids=ids[:, :5])),
     ):

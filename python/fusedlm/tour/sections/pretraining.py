@@ -49,12 +49,7 @@ def train_decoder(ctx: Context, sec: Section) -> list[dict]:
     return history
 
 
-def seq2seq_loss(model, batch: dict):
-    """The encoder-decoder's own loss and its token accuracy (training.lm_loss rejects targets
-    shorter than the inputs: its labels-vs-input_ids shape check assumes one sequence)."""
-    out = model(**batch)
-    keep = batch["labels"] != -100
-    return out.loss, {"accuracy": (out.logits.argmax(-1)[keep] == batch["labels"][keep]).float().mean().item()}
+
 
 
 def train_denoiser(ctx: Context, sec: Section, model, loss_fn, transform, salt: int, what: str, metric: str) -> list[dict]:
@@ -96,7 +91,7 @@ def train_seq2seq(ctx: Context, sec: Section) -> list[dict]:
         return {"input_ids": inputs, "labels": targets}
 
     model = new_model(seq2seq_config(ctx), ctx.seed)
-    history = train_denoiser(ctx, sec, model, seq2seq_loss, corrupt, 3, "encoder-decoder span corruption",
+    history = train_denoiser(ctx, sec, model, lm_loss, corrupt, 3, "encoder-decoder span corruption",
                              "dropped spans restored (token accuracy)")
     ctx.models["seq2seq"] = model
     return history

@@ -5,7 +5,7 @@ before); only its forward changes. One active adapter: ``x Wᵀ + b + s (dropout
 op. peft's mixed batch (``adapter_names=[...]``, one name per sample, "__base__" for none): the
 used adapters are stacked (ranks zero-padded to the largest, which changes nothing), each row of
 x gets its adapter's index and each adapter its scaling as a gate. A QLoRA layer passes the base
-layer's NF4 bytes as the weight (see :mod:`.bnb`).
+layer's NF4 bytes as the weight (see :mod:`.nf4`).
 
 A call the op cannot take runs peft's own forward, with a one-time warning naming why: several
 adapters active at once, LoRA variants (DoRA, ...), ``lora_bias``, dtypes that differ between x,
@@ -20,7 +20,7 @@ import torch
 from peft.tuners.lora import layer as lora_layer
 
 from .. import ops
-from ._once import warn_once
+from .._warn import warn_once
 
 try:
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
@@ -38,9 +38,9 @@ def _base_weight(layer, x: torch.Tensor):
         if weight.dtype != x.dtype:
             return f"the base weight is {weight.dtype} and x is {x.dtype}"
     else:
-        from . import bnb
+        from . import nf4
 
-        weight = bnb.qweight(base)
+        weight = nf4.qweight(base)
         if base.compute_dtype not in (None, x.dtype):
             return f"the base layer computes in {base.compute_dtype} and x is {x.dtype}"
     if base.bias is not None and base.bias.dtype != x.dtype:
@@ -124,9 +124,9 @@ def why_not(layer: torch.nn.Module) -> str | None:
     if isinstance(base, torch.nn.Linear) and not hasattr(base.weight, "quant_state"):
         return None
     if LoraLinear4bit is not None and isinstance(layer, LoraLinear4bit):
-        from . import bnb
+        from . import nf4
 
-        return bnb.why_not(base)
+        return nf4.why_not(base)
     return f"a {type(base).__name__} base layer"
 
 

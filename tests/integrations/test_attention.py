@@ -8,7 +8,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from _hf_tiny import CAUSAL_LM, MASKED_LM, V, batch, make  # noqa: E402
+from tiny_models import V, hf, hf_batch  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     causal_mask_function,
     sdpa_mask,
@@ -16,15 +16,17 @@ from transformers.masking_utils import (  # noqa: E402
 )
 
 from fusedlm.integrations import _masks  # noqa: E402
-from fusedlm.integrations import transformers as fl_transformers  # noqa: E402
+from fusedlm.integrations import attention  # noqa: E402
 
+CAUSAL_LM = ("gpt2-padded", "llama", "mistral", "mistral-sliding", "qwen2-sliding", "qwen2-untied")
+MASKED_LM = ("bert", "roberta")
 ATOL = 1e-5
 SLIDING = ("mistral-sliding", "qwen2-sliding")  # a window of 4 under 9-token prompts
 
 
 @pytest.fixture(autouse=True)
 def registered():
-    fl_transformers.register()
+    attention.register()
 
 
 @pytest.fixture
@@ -61,8 +63,8 @@ def _assert_grads_close(got: dict, want: dict):
 
 @pytest.mark.parametrize("name", sorted(CAUSAL_LM) + sorted(MASKED_LM))
 def test_forward_backward_match_sdpa(name, fused_calls):
-    model = make(name).train()  # every dropout is 0: the training path, deterministic
-    ids, mask = batch(left=name in CAUSAL_LM)
+    model = hf(name).train()  # every dropout is 0: the training path, deterministic
+    ids, mask = hf_batch(left=name in CAUSAL_LM)
     want, want_grads = _forward_backward(model, "sdpa", ids, mask)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -84,8 +86,8 @@ def test_capped_cpu_isa_matches_sdpa(isa):
     """The llama parity again with the cpu kernels capped to a lower SIMD level (AVX2-only machines)."""
     from fusedlm.ops._backends import cpu_isa_limit
 
-    model = make("llama").train()
-    ids, mask = batch()
+    model = hf("llama").train()
+    ids, mask = hf_batch()
     want, want_grads = _forward_backward(model, "sdpa", ids, mask)
     with cpu_isa_limit(isa):
         got, got_grads = _forward_backward(model, "fusedlm", ids, mask)
@@ -95,8 +97,8 @@ def test_capped_cpu_isa_matches_sdpa(isa):
 
 @pytest.mark.parametrize("name", sorted(CAUSAL_LM))
 def test_greedy_generate_matches_sdpa(name, fused_calls):
-    model = make(name)
-    ids, mask = batch(seed=2)
+    model = hf(name)
+    ids, mask = hf_batch(seed=2)
     model.set_attn_implementation("sdpa")
     want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     model.set_attn_implementation("fusedlm")
@@ -110,8 +112,8 @@ def test_greedy_generate_matches_sdpa(name, fused_calls):
 
 def test_static_cache_generate_matches_sdpa(fused_calls):
     """A static cache hands the layers max_cache_len keys and a tensor q_offset: the plan slices the keys."""
-    model = make("llama")
-    ids, mask = batch(seed=3)
+    model = hf("llama")
+    ids, mask = hf_batch(seed=3)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
     model.set_attn_implementation("sdpa")
     want = model.generate(ids, **kwargs)
@@ -122,11 +124,11 @@ def test_static_cache_generate_matches_sdpa(fused_calls):
 
 
 def test_from_pretrained_with_fusedlm(tmp_path):
-    model = make("llama")
+    model = hf("llama")
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fusedlm")
     assert loaded.config._attn_implementation == "fusedlm"
-    ids, mask = batch()
+    ids, mask = hf_batch()
     torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
                                atol=ATOL, rtol=0)
 
@@ -158,7 +160,7 @@ def test_t5_position_bias_is_a_differentiable_bias(fused_calls):
                                    num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                                    decoder_start_token_id=0)
     model = transformers.T5ForConditionalGeneration(config).train()
-    ids, mask = batch(left=False)
+    ids, mask = hf_batch(left=False)
     labels = torch.randint(3, V, (3, 5))
     want, want_grads = _forward_backward(model, "sdpa", ids, mask, labels=labels)
     got, got_grads = _forward_backward(model, "fusedlm", ids, mask, labels=labels)
@@ -170,8 +172,8 @@ def test_t5_position_bias_is_a_differentiable_bias(fused_calls):
 
 # ---- masks a user hands transformers, and what falls back ----------------------------------------
 def test_user_4d_masks_are_recovered(fused_calls):
-    model = make("llama")
-    ids, mask = batch()
+    model = hf("llama")
+    ids, mask = hf_batch()
     model.set_attn_implementation("sdpa")
     want = model(ids, attention_mask=mask).logits
     dense = sdpa_mask(batch_size=3, q_length=9, kv_length=9, attention_mask=mask.bool(), allow_is_causal_skip=False)
@@ -190,8 +192,8 @@ def test_user_4d_masks_are_recovered(fused_calls):
 
 def test_packed_sequences_fall_back_to_sdpa(fused_calls):
     """position_ids restarting inside a row (packing, no attention mask) is a block-diagonal pattern."""
-    model = make("llama")
-    ids, _ = batch()
+    model = hf("llama")
+    ids, _ = hf_batch()
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]).expand(3, -1)
     model.set_attn_implementation("sdpa")
     want = model(ids, position_ids=position_ids, use_cache=False).logits
@@ -208,7 +210,7 @@ def test_softcapping_falls_back_to_eager():
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=64,
                                        query_pre_attn_scalar=8, attn_logit_softcapping=5.0, pad_token_id=0)
     model = transformers.Gemma2ForCausalLM(config).eval()
-    ids, mask = batch()
+    ids, mask = hf_batch()
     model.set_attn_implementation("eager")
     want = model(ids, attention_mask=mask).logits
     model.set_attn_implementation("fusedlm")
@@ -219,13 +221,13 @@ def test_softcapping_falls_back_to_eager():
 
 
 def test_dropout_in_training(fused_calls):
-    """dropout > 0 goes to ops.attention(dropout_p=...) where the op has it, else to sdpa with a warning."""
-    model = make("llama")
+    """dropout > 0 goes to ops.attention(dropout_p=...), with no fallback warning."""
+    model = hf("llama")
     model.config.attention_dropout = 0.5
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.5
     model.set_attn_implementation("fusedlm")
-    ids, mask = batch()
+    ids, mask = hf_batch()
     model.eval()
     eval_logits = model(ids, attention_mask=mask).logits
     model.train()
@@ -233,35 +235,32 @@ def test_dropout_in_training(fused_calls):
         warnings.simplefilter("always")
         train_logits = model(ids, attention_mask=mask).logits
     assert torch.isfinite(train_logits).all() and not torch.allclose(train_logits, eval_logits)
-    if fl_transformers._OPS_DROPOUT:
-        assert _fallback_warnings(record) == []
-        assert all(c.get("dropout_p") == 0.5 for c in fused_calls[-2:])
-    else:
-        assert any("dropout" in m for m in _fallback_warnings(record))
+    assert _fallback_warnings(record) == []  # ops.attention takes dropout_p: no fallback
+    assert all(c.get("dropout_p") == 0.5 for c in fused_calls[-2:])
 
 
 def test_fused_mask_stays_2d_and_keeps_its_plan():
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :2] = False
-    carrier = fl_transformers.fusedlm_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=mask)
+    carrier = attention.fusedlm_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=mask)
     assert carrier.shape == (2, 6) and carrier._dense is None  # no Nq x Nk mask for a causal pattern
     assert carrier.plan.mode == "causal" and torch.equal(carrier.plan.key_padding_mask, mask)
     assert carrier.contiguous() is carrier and carrier.to("cpu") is carrier
     copy = carrier.clone()
-    assert isinstance(copy, fl_transformers.FusedMask) and copy.plan.mode == "causal"
+    assert isinstance(copy, attention.FusedMask) and copy.plan.mode == "causal"
     assert type(carrier[:, 1:]) is torch.Tensor and type(carrier.float()) is torch.Tensor
-    model = make("llama")
+    model = hf("llama")
     q = torch.randn(2, 4, 6, 8)
     with pytest.raises(ValueError, match="without its plan"):
-        fl_transformers.attention_forward(model.model.layers[0].self_attn, q, q, q, carrier.as_subclass(torch.Tensor))
+        attention.attention_forward(model.model.layers[0].self_attn, q, q, q, carrier.as_subclass(torch.Tensor))
 
 
 def test_mask_shape_mismatch_is_a_clear_error():
-    model = make("llama")
-    dense = fl_transformers.fusedlm_mask(batch_size=1, q_length=4, kv_length=4)
+    model = hf("llama")
+    dense = attention.fusedlm_mask(batch_size=1, q_length=4, kv_length=4)
     q = torch.randn(1, 4, 5, 8)
     with pytest.raises(ValueError, match="built for 4 queries x 4 keys, but the layer has 5 queries x 5 keys"):
-        fl_transformers.attention_forward(model.model.layers[0].self_attn, q, q, q, dense)
+        attention.attention_forward(model.model.layers[0].self_attn, q, q, q, dense)
 
 
 # ---- the plans against transformers' own masks ------------------------------------------------
@@ -293,7 +292,7 @@ def test_plans_match_transformers_masks(case, padded):
     kwargs = dict(batch_size=b, q_length=nq, kv_length=nk, q_offset=q_offset, kv_offset=kv_offset,
                   mask_function=mask_function, attention_mask=attention_mask, local_size=window)
     want = sdpa_mask(**kwargs, allow_is_causal_skip=False).expand(b, 1, nq, nk)
-    carrier = fl_transformers.fusedlm_mask(**kwargs)
+    carrier = attention.fusedlm_mask(**kwargs)
     assert carrier.dim() == 2 and torch.equal(carrier.dense(), want)
     plan = carrier.plan
     if not expressible:

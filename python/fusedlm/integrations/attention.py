@@ -1,7 +1,7 @@
 """``attn_implementation="fusedlm"``: transformers models attend through :func:`fusedlm.ops.attention`.
 
-    import fusedlm.integrations.transformers as fl_transformers
-    fl_transformers.register()
+    from fusedlm.integrations import attention
+    attention.register()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fusedlm")
     # or, on a loaded model: model.set_attn_implementation("fusedlm")
 
@@ -20,14 +20,13 @@ What ``ops.attention`` cannot express falls back, with a one-time warning naming
 transformers' own sdpa (or, for features sdpa lacks, the model's eager) attention on the same
 mask: a sliding window that hides keys from a block of several queries (a window is expressed when
 it hides nothing, and for one query at a time, i.e. decoding), custom mask patterns (packed
-sequences, mask overlays, per-head masks, bias-like float masks), dropout while ``ops.attention``
-has no ``dropout_p``, logit softcapping and attention sinks (eager), value head dims unlike the
-query's or above 256.
+sequences, mask overlays, per-head masks, bias-like float masks), logit softcapping and attention
+sinks (eager), value head dims unlike the query's or above 256. Attention dropout runs on
+``ops.attention``'s ``dropout_p``.
 """
 from __future__ import annotations
 
 import collections
-import inspect
 import sys
 import weakref
 
@@ -43,10 +42,9 @@ from transformers.masking_utils import (
 
 from .. import ops
 from . import _masks
-from ._once import warn_once
+from .._warn import warn_once
 
 NAME = "fusedlm"
-_OPS_DROPOUT = "dropout_p" in inspect.signature(ops.attention).parameters
 _MAX_HEAD_DIM = 256
 
 
@@ -162,14 +160,13 @@ def _plan_for(attention_mask, module, query: torch.Tensor, key: torch.Tensor, is
     return plan
 
 
-def _unsupported(query, key, value, dropout: float, kwargs) -> tuple[str, str] | None:
+def _unsupported(query, key, value, kwargs) -> tuple[str, str] | None:
     """(feature, fallback) for what ops.attention cannot do, or None."""
     if kwargs.get("softcap") is not None:
         return "logit softcapping", "eager"
     if kwargs.get("s_aux") is not None:
         return "attention sinks (s_aux)", "eager"
-    if dropout > 0 and not _OPS_DROPOUT:
-        return "dropout > 0 (ops.attention has no dropout_p yet)", "sdpa"
+
     d = query.shape[-1]
     if key.shape[-1] != d or value.shape[-1] != d:
         return "key/value head dims unlike the query's", "sdpa"
@@ -207,7 +204,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("output_attentions", False):
         warn_once("output_attentions", "fusedlm attention does not return attention weights (output_attentions=True "
                   "gives None), like transformers' sdpa; use attn_implementation='eager' for them")
-    unsupported = _unsupported(query, key, value, dropout, kwargs)
+    unsupported = _unsupported(query, key, value, kwargs)
     plan = None if unsupported else _plan_for(attention_mask, module, query, key, is_causal)
     if plan is not None and plan.mode is None:
         unsupported = plan.reason, "sdpa"
