@@ -46,7 +46,7 @@ def _prompt(n: int) -> torch.Tensor:
 
 
 def _attention_cases(rows: list[Row], model, prompts, n_new: int) -> None:
-    from fusedlm.integrations import attention as fused_attention
+    from fusedlm.integrations import transformers as fused_attention
 
     fused_attention.register()
     fused = copy.deepcopy(model)

@@ -6,7 +6,7 @@
     integrations.undo(model)             # or report.undo(): the original modules and settings
 
 :func:`apply` patches in place, one module per fused op it puts in: transformers' attention
-(``attn_implementation="fusedlm"``, :mod:`.attention`), peft LoRA ``Linear`` layers
+(``attn_implementation="fusedlm"``, :mod:`.transformers`), peft LoRA ``Linear`` layers
 (:mod:`.lora`), bitsandbytes NF4 ``Linear4bit`` layers (:mod:`.nf4`) and sampling in
 ``generate`` (:mod:`.sampling`). Modules keep their classes, parameters and state dicts; only
 forwards (and the attention setting) change. (``fusedlm.interop``, beside it, reads and writes
@@ -24,8 +24,8 @@ import torch
 __all__ = ["apply", "undo", "Report"]
 
 
-def __getattr__(name: str):  # fusedlm.integrations.attention etc. without importing every peer up front
-    if name in ("attention", "lora", "nf4", "sampling"):
+def __getattr__(name: str):  # fusedlm.integrations.transformers etc. without importing every peer up front
+    if name in ("transformers", "lora", "nf4", "sampling"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -71,7 +71,7 @@ def _hf_model(model: torch.nn.Module):
 
 
 def _patch_attention(hf, report: Report) -> None:
-    from . import attention
+    from . import transformers as attention
 
     attention.register()
     previous = hf.config._attn_implementation

@@ -1,7 +1,7 @@
 """``attn_implementation="fusedlm"``: transformers models attend through :func:`fusedlm.ops.attention`.
 
-    from fusedlm.integrations import attention
-    attention.register()
+    from fusedlm.integrations import transformers
+    transformers.register()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fusedlm")
     # or, on a loaded model: model.set_attn_implementation("fusedlm")
 

@@ -16,7 +16,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 
 from fusedlm.integrations import _masks  # noqa: E402
-from fusedlm.integrations import attention  # noqa: E402
+from fusedlm.integrations import transformers as attention  # noqa: E402
 
 CAUSAL_LM = ("gpt2-padded", "llama", "mistral", "mistral-sliding", "qwen2-sliding", "qwen2-untied")
 MASKED_LM = ("bert", "roberta")
