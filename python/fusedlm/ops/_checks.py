@@ -1,7 +1,8 @@
 """Argument checks shared by the public ops (DESIGN.md rule 2).
 
 Each raises TypeError (wrong kind or dtype) or ValueError (wrong shape or value) with a message
-naming the argument, what was expected and what came, before any pointer reaches C++.
+naming the argument, what was expected and what came, before any pointer reaches C++. Scalar
+checks (integers, finite numbers) are the shared ones of :mod:`fusedlm._validate`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from .._validate import integer, number  # noqa: F401  (the ops' scalar checks: _checks.integer, _checks.number)
 from ._backends import cpu_module, cuda_module
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,27 +69,13 @@ def same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
     return first.dtype
 
 
-def number(name: str, value) -> float:
-    """Checks that `value` is a real number (not bool, not a tensor); returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
-
-
 def dropout_p(value) -> float:
     """Checks a dropout probability: a float in [0, 1); returns it."""
-    value = number("dropout_p", value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(value).__name__}")
+    value = float(value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {value}")
-    return value
-
-
-def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    """Checks that `value` is a Python int (not bool) in [low, high]; returns it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
 
 
