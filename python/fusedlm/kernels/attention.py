@@ -370,6 +370,7 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tile(
     dq,  # running gradient [BLOCK_M, BLOCK_D] (fp32)
+    db_rows,  # running row sums of dS [BLOCK_M] (fp32), for a bias gradient without a key axis
     q, do, lse, delta,  # this query tile, its grad_out, base-2 lse (+inf for empty rows), delta
     k_base, v_base, bias_base, pad_base, dbias_base,  # this (batch, head)'s tensors
     start_n, rows, offs_n, offs_d,
@@ -377,6 +378,7 @@ def _dq_tile(
     nq, nk, prefix, qk_scale,
     MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    DBIAS: tl.constexpr, DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DB_ATOMIC: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < nk
@@ -392,10 +394,20 @@ def _dq_tile(
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    if HAS_BIAS:
-        tl.store(dbias_base + rows[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
-                 mask=(rows[:, None] < nq) & col_ok[None, :])
-    return dq
+    if DBIAS:  # dbias = dS, summed over the axes the bias is broadcast along (see _dq_kernel)
+        if DB_COLS:
+            if DB_ROWS:
+                ptrs = dbias_base + rows[:, None] * stride_dbm + cols[None, :] * stride_dbn
+                in_bounds = (rows[:, None] < nq) & col_ok[None, :]
+                if DB_ATOMIC:
+                    tl.atomic_add(ptrs, ds, mask=in_bounds)
+                else:
+                    tl.store(ptrs, ds, mask=in_bounds)
+            else:  # one row of gradient per key: other query tiles add to it too
+                tl.atomic_add(dbias_base + cols * stride_dbn, tl.sum(ds, 0), mask=col_ok)
+        else:
+            db_rows += tl.sum(ds, 1)
+    return dq, db_rows
 
 
 @triton.jit
@@ -405,7 +417,7 @@ def _dq_kernel(
     bias_ptr, prefix_ptr, pad_ptr,  # as in _fwd_kernel (0 when absent)
     lse_ptr, delta_ptr,  # float32 [B * Hq * Nq] (contiguous): forward log-sum-exp, rowsum(dO * O)
     dq_ptr,  # out: [B, Hq, Nq, D]
-    dbias_ptr,  # out: float32 [B, Hq, Nq, Nk], zero-initialised (hidden tiles are not written), or 0
+    dbias_ptr,  # out: float32 bias gradient in the bias's broadcast shape, zero-initialised, or 0
     stride_qb, stride_qh, stride_qm, stride_qd,  # elements between batches / heads / rows / dims of q
     stride_kb, stride_kh, stride_kn, stride_kd,  # same for k
     stride_vb, stride_vh, stride_vn, stride_vd,  # same for v
@@ -413,14 +425,20 @@ def _dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,  # same for bias (0 where broadcast)
     stride_pb, stride_pn,  # padding mask: elements between batch rows / keys
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # same for dq
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn,  # same for dbias
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,  # same for dbias (0 along its broadcast axes)
     hq, nq, nk, group, qk_scale, scale,  # as in _fwd_kernel; scale = the softmax scale
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    DBIAS: tl.constexpr,  # compute the bias gradient (only when the bias requires grad)
+    DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr,  # the bias varies along Nq / along Nk (else dS is summed)
+    DB_ATOMIC: tl.constexpr,  # the bias is shared by several (batch, head) programs: add atomically
 ):
     # One program per (query tile, batch * query head), visiting the key tiles of _key_range as
-    # the forward does; it also writes dbias = dS for those tiles.
+    # the forward does. It also accumulates dbias = dS for those tiles (hidden ones are zero),
+    # reduced in registers over the axes the bias is broadcast along: a per-key bias (ALiBi,
+    # [.., 1, Nk]) gets one atomic add of dS's column sums per tile, a per-query one a single
+    # add of its row sums at the end, so nothing of [B, Hq, Nq, Nk] is allocated for them.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys) first
     pid_bh = tl.program_id(1)
     b = (pid_bh // hq).to(tl.int64)
@@ -443,22 +461,31 @@ def _dq_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_base = bias_ptr + b * stride_bb + h * stride_bh if HAS_BIAS else bias_ptr
-    dbias_base = dbias_ptr + b * stride_dbb + h * stride_dbh if HAS_BIAS else dbias_ptr
+    dbias_base = dbias_ptr + b * stride_dbb + h * stride_dbh if DBIAS else dbias_ptr
     pad_base = pad_ptr + b * stride_pb if HAS_PAD else pad_ptr
     prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == _PREFIX else 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     full_end, hi = _key_range(m0, nq, nk, prefix, MASK_MODE, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n, rows, offs_n,
-                      offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_pn,
-                      stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, False, MASK_MODE, HAS_BIAS, HAS_PAD,
-                      HEAD_DIM, PRECISION)
+        dq, db_rows = _dq_tile(dq, db_rows, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n,
+                               rows, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                               stride_pn, stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, False, MASK_MODE, HAS_BIAS,
+                               HAS_PAD, HEAD_DIM, PRECISION, DBIAS, DB_ROWS, DB_COLS, DB_ATOMIC)
     for start_n in range(full_end, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n, rows, offs_n,
-                      offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_pn,
-                      stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, True, MASK_MODE, HAS_BIAS, HAS_PAD,
-                      HEAD_DIM, PRECISION)
+        dq, db_rows = _dq_tile(dq, db_rows, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n,
+                               rows, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                               stride_pn, stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, True, MASK_MODE, HAS_BIAS,
+                               HAS_PAD, HEAD_DIM, PRECISION, DBIAS, DB_ROWS, DB_COLS, DB_ATOMIC)
+    if DBIAS and not DB_COLS:  # a bias without a key axis: the row sums of dS
+        if DB_ROWS:
+            if DB_ATOMIC:
+                tl.atomic_add(dbias_base + rows * stride_dbm, db_rows, mask=row_ok)
+            else:
+                tl.store(dbias_base + rows * stride_dbm, db_rows, mask=row_ok)
+        else:
+            tl.atomic_add(dbias_base, tl.sum(db_rows, 0))
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
@@ -556,11 +583,16 @@ def forward(q, k, v, mask_mode: int, prefix_len, key_padding_mask, bias, scale: 
 
 
 def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_padding_mask, bias, scale: float, *,
+             bias_grad_shape: tuple[int, int, int, int] | None = None,
              block_m: int | None = None, block_n: int | None = None):
     """Returns ``(dq, dk, dv, dbias)``: dq/dk/dv in the input dtypes (dk, dv [B, Hkv, Nk, D]
-    summed over each group's query heads), dbias the float32 gradient of the full
-    [B, Hq, Nq, Nk] scores (None when bias is None). Arguments as in :func:`forward`, plus the
-    forward's out and lse."""
+    summed over each group's query heads) and dbias, the float32 gradient of the bias.
+
+    Arguments as in :func:`forward`, plus the forward's out and lse. ``bias_grad_shape``: None when
+    the bias needs no gradient (dbias is then None and nothing is computed for it), else the bias's
+    shape as four dims, each 1 (broadcast) or the full size of [B, Hq, Nq, Nk]: dbias comes in that
+    shape, summed over the broadcast dims inside the kernel (no [B, Hq, Nq, Nk] buffer unless the
+    bias itself is that big)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dtypes = q.dtype, k.dtype, v.dtype
@@ -594,13 +626,22 @@ def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_paddin
     bm, bn, warps, stages = _blocks("dq", d, q.dtype, has_bias)
     bm, bn = block_m or bm, block_n or bn
     dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
-    dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if has_bias else None
+    dbias, db_strides, db_flags = None, (0, 0, 0, 0), (False, False, False)
+    if has_bias and bias_grad_shape is not None:
+        full = (b, hq, nq, nk)
+        shape = tuple(int(s) for s in bias_grad_shape)
+        if len(shape) != 4 or any(s not in (1, f) for s, f in zip(shape, full)):
+            raise ValueError(f"bias_grad_shape must be 4 dims each 1 or of {list(full)}, got {list(shape)}")
+        dbias = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        db_strides = tuple(st if sz > 1 else 0 for st, sz in zip(dbias.stride(), shape))
+        db_flags = (nq > 1 and shape[2] > 1, nk > 1 and shape[3] > 1,
+                    (b > 1 and shape[0] == 1) or (hq > 1 and shape[1] == 1))
     _dq_kernel[(triton.cdiv(nq, bm), b * hq)](
-        q, k, v, grad_out, bias if has_bias else q, prefix, pad, lse, delta, dq, dbias if has_bias else q,
+        q, k, v, grad_out, bias if has_bias else q, prefix, pad, lse, delta, dq, dbias if dbias is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias), *pad_strides, *dq.stride(),
-        *(dbias.stride() if has_bias else (0, 0, 0, 0)),
-        hq, nq, nk, hq // hkv, qk_scale, scale,
+        *db_strides, hq, nq, nk, hq // hkv, qk_scale, scale,
         MASK_MODE=mask_mode, HAS_BIAS=has_bias, HAS_PAD=has_pad, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-        PRECISION=precision, num_warps=warps, num_stages=stages,
+        PRECISION=precision, DBIAS=dbias is not None, DB_ROWS=db_flags[0], DB_COLS=db_flags[1], DB_ATOMIC=db_flags[2],
+        num_warps=warps, num_stages=stages,
     )
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dbias
