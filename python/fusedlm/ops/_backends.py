@@ -233,4 +233,12 @@ class Dispatcher:
         return backend
 
     def __call__(self, backend: str, *args, **kwargs):
-        return self._impls[backend](*args, **kwargs)
+        impl = self._impls[backend]
+        if backend in ("triton", "cuda"):
+            # Triton and fusedlm._cuda launch on the current device: make it the inputs' one (a
+            # tensor on cuda:1 would otherwise be read by a kernel running on cuda:0).
+            device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+            if device is not None and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return impl(*args, **kwargs)
+        return impl(*args, **kwargs)
