@@ -251,26 +251,50 @@ QUICK = ("attention bf16 D64", "attention bf16 D128", "attention fp32 D256", "at
          "nf4 dequantize", "nf4 gemv", "nf4 gemm", "sampling")
 
 
-def compile_all(arch: int = 90, quick: bool = False, only: str | None = None, echo=None) -> list[Build]:
-    """Compiles every case (``quick``: one of each kernel path, see QUICK) for sm_`arch`."""
+def case_names(quick: bool = False, only: str | None = None) -> list[str]:
+    """The cases to compile: all, the QUICK subset (one per kernel path), or those containing `only`."""
+    return [n for n in _cases() if (not quick or n.startswith(QUICK)) and (not only or only in n)]
+
+
+def compile_case(name: str, arch: int = 90) -> list[Build]:
+    """The builds one case launches, compiled for sm_`arch`."""
+    builds: list[Build] = []
+    torch.manual_seed(0)
+    with capture(arch, builds, name):
+        try:
+            _cases()[name]()
+        except Exception as e:  # a launcher failing before its launch is a finding too
+            builds.append(Build(name, "(launcher)", "", error=f"{type(e).__name__}: {e}"))
+    return builds
+
+
+def compile_all(arch: int = 90, quick: bool = False, only: str | None = None, echo=None, jobs: int = 1,
+                on_case=None) -> list[Build]:
+    """Compiles every case (``quick``: one of each kernel path, see QUICK) for sm_`arch`, in `jobs`
+    processes; `echo` gets a line per build, `on_case` the builds so far after each case."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the launchers must pick their GPU configurations")
+    names = case_names(quick, only)
     builds: list[Build] = []
-    for name, run in _cases().items():
-        if quick and not name.startswith(QUICK):
-            continue
-        if only and only not in name:
-            continue
-        first = len(builds)
-        torch.manual_seed(0)
-        with capture(arch, builds, name):
-            try:
-                run()
-            except Exception as e:  # a launcher failing before its launch is a finding too
-                builds.append(Build(name, "(launcher)", "", error=f"{type(e).__name__}: {e}"))
+
+    def done(case_builds):
+        builds.extend(case_builds)
         if echo:
-            for b in builds[first:]:
+            for b in case_builds:
                 echo(b.line())
+        if on_case:
+            on_case(builds)
+
+    if jobs <= 1:
+        for name in names:
+            done(compile_case(name, arch))
+        return builds
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for case_builds in pool.map(compile_case, names, [arch] * len(names)):
+            done(case_builds)
     return builds
 
 
@@ -294,17 +318,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90, H100/H200)")
     parser.add_argument("--quick", action="store_true", help="one case per kernel path (CI)")
     parser.add_argument("--only", help="cases whose name contains this text")
-    parser.add_argument("--json", help="write the builds and a summary here")
+    parser.add_argument("--json", help="write the builds and a summary here (rewritten after every case)")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
+
+    def write(builds):
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(summary(builds), f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
     # A cold cache in a temporary folder: every variant is compiled (compile time, ptxas's report).
     with tempfile.TemporaryDirectory() as cache:
         os.environ.update(TRITON_CACHE_DIR=cache, TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
-        builds = compile_all(args.arch, args.quick, args.only, echo=lambda s: print(s, flush=True))
+        builds = compile_all(args.arch, args.quick, args.only, echo=lambda s: print(s, flush=True), jobs=args.jobs,
+                             on_case=write)
     result = summary(builds)
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+    write(builds)
     print(f"triton {result['triton']}: {result['compiled']} variants compiled for sm_{args.arch}, "
           f"{len(result['failed'])} failed, {result['compile_seconds']} s of compilation, "
           f"max spill {result['max_spill_stores']} B/thread", flush=True)
