@@ -5,7 +5,8 @@
 Sections: env (GPU, driver, python, torch, CUDA, Triton, tools), build (mode, backends), phases
 (rc, seconds, limit), smoke (op x backend), tests (counts, failures with their message, skip
 reasons), bench (limits, every ratio, rows), aot (per-kernel registers / spills / shared memory /
-compile seconds, failures), and `problems`: everything that failed or did not run.
+compile seconds, failures), cuda_kernels (ptxas registers / spills of fusedlm._cuda, from the build
+log), and `problems`: everything that failed or did not run.
 """
 import collections
 import importlib.metadata
@@ -100,6 +101,28 @@ def _aot(out):
                                             "num_warps", "num_stages", "constants", "error")} for b in aot["builds"]]}
 
 
+def _cuda_kernels(out):
+    """Registers and spill bytes of each fusedlm._cuda kernel, from ptxas -v in the build log."""
+    import re
+
+    kernels = {}
+    for name in ("build-pip.log", "build-cmake.log"):
+        try:
+            with open(os.path.join(out, "logs", name)) as f:
+                log = f.read()
+        except OSError:
+            continue
+        current = None
+        for line in log.splitlines():
+            if m := re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line):
+                current = f"{m.group(1)} ({m.group(2)})"
+            elif current and (m := re.search(r"(\d+) bytes spill stores", line)):
+                kernels.setdefault(current, {})["spill_stores"] = int(m.group(1))
+            elif current and (m := re.search(r"Used (\d+) registers", line)):
+                kernels.setdefault(current, {})["registers"] = int(m.group(1))
+    return kernels or None
+
+
 def main(out, dry, seconds):
     phases = {}
     try:
@@ -124,6 +147,7 @@ def main(out, dry, seconds):
         "tests": _tests(out),
         "bench": _load(os.path.join(out, "bench.json")),
         "aot": _aot(out),
+        "cuda_kernels": _cuda_kernels(out),
     }
     problems = []
     for name, p in phases.items():
@@ -163,6 +187,8 @@ def main(out, dry, seconds):
               f"{a['compile_seconds']} s of compilation")
         for name, k in sorted(a["per_kernel"].items()):
             print(f"  {name:22s} {k['variants']:3d} variants, <= {k['max_registers']} regs, <= {k['max_spill_bytes']} B spill")
+    for name, k in sorted((report["cuda_kernels"] or {}).items()):
+        print(f"  cuda {name[:70]:70s} {k.get('registers')} regs, {k.get('spill_stores')} B spill")
     for key, ratio in ((report["bench"] or {}).get("ratios") or {}).items():
         print(f"  {ratio:7.2f}x  {key}")
     print(f"problems: {len(problems)}")
