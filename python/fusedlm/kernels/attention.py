@@ -677,7 +677,7 @@ def _decode(q, k, v, mask_mode, prefix, pad, pad_strides, bias, has_pad, scale, 
     if interpreting():
         bn, warps, stages = block_n or 16, 4, 1
     else:
-        bn = block_n or (64 if d <= 128 else 32)
+        bn = block_n or (64 if d <= 128 and q.dtype != torch.float32 else 32)  # float32 tiles: twice the registers
         warps, stages = 4, (3 if q.dtype != torch.float32 else 2)
     splits = splits or _decode_splits(b * hq, nk, bn, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(nk, splits), bn) * bn

@@ -263,7 +263,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize:
         )
         return partial.sum(0) if split > 1 else partial[0]
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    block = (16, 16, 32) if interpreting() else (64, 64, 64)
+    block = (16, 16, 32) if interpreting() else (64, 64, 64 if k % 2 == 0 else 32)  # odd K: int64 flat indices
     grid = (triton.cdiv(m, block[0]), triton.cdiv(n, block[1]))
     _gemm_kernel[grid](
         x, data, absmax, code, out, m, n, k, shift, x.stride(0),
