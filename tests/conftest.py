@@ -3,7 +3,8 @@
 Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. triton.jit decides
 whether to interpret when a kernel module is imported, so the variable is set here, before any
 test module imports fusedlm.kernels, and only where no GPU is: on a GPU machine the kernels
-compile and run on the device.
+compile and run on the device, and the Triton tests written for CPU tensors (tests/ops, ...) are
+skipped with the reason (:data:`CPU_TRITON_SKIP`).
 
 The ``cpu_isa`` fixture runs a test once per SIMD level of the cpu kernels this machine has
 (scalar, avx2, avx512, avx512_bf16 as available), so an AVX-512 machine also tests the AVX2 and
@@ -27,6 +28,25 @@ if not torch.cuda.is_available():
 from fusedlm.ops import _backends  # noqa: E402
 
 CPU_ISAS = _backends.cpu_isa_levels()
+
+# Folders whose Triton tests put their tensors on the GPU when one is there; every other test
+# marked `triton` runs the kernels on CPU tensors, which only the interpreter can.
+_TRITON_ON_GPU = ("tests/gpu/", "tests/kernels/")
+CPU_TRITON_SKIP = ("Triton runs CPU tensors only under TRITON_INTERPRET=1, which conftest sets only where no GPU is; "
+                   "on this CUDA machine tests/gpu and tests/kernels run the Triton kernels on the device "
+                   "(TRITON_INTERPRET=1 python -m pytest runs these too)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a CUDA machine (no interpreter) skip, with the reason, the Triton tests that use CPU tensors:
+    forcing the triton backend on them would raise "forced but ... does not run on cpu tensors"."""
+    if _backends.triton_interpreting():
+        return
+    skip = pytest.mark.skip(reason=CPU_TRITON_SKIP)
+    for item in items:
+        path = str(item.fspath).replace(os.sep, "/")
+        if item.get_closest_marker("triton") is not None and not any(folder in path for folder in _TRITON_ON_GPU):
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=CPU_ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="fusedlm._C is not built"))])

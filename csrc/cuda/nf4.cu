@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstring>
+
 #include "common/checks.h"
 #include "cuda/dtype.cuh"
 #include "cuda/ops.h"
@@ -82,8 +84,10 @@ __device__ inline float to_float<__half>(__half v) { return __half2float(v); }
 // One warp per (output feature n, row m of x): each lane streams 16 packed bytes (32 weights,
 // one scale: K % 32 == 0 and blocksizes are multiples of 32) per step with one 16-byte load,
 // decodes them through the code table in shared memory and accumulates in float32; a warp
-// shuffle reduction finishes the row.
-template <typename T>
+// shuffle reduction finishes the row. K % 32 == 0 puts every 16-byte group of a row at a multiple
+// of 16 bytes from `data`, so only `data` itself can be misaligned (a view with a storage offset):
+// then kAligned is false and the 16 bytes are read one by one, instead of copying the weight.
+template <typename T, bool kAligned>
 __global__ void gemv_kernel(const T* x, int64_t K, int64_t stride_xm, const uint8_t* data, const float* absmax,
                             int64_t blocksize, int64_t N, const float* code_global, const float* bias, T* out) {
   __shared__ float code[16];
@@ -97,7 +101,15 @@ __global__ void gemv_kernel(const T* x, int64_t K, int64_t stride_xm, const uint
   const int64_t row = n * K;
   float acc = 0.0f;
   for (int64_t c = 32 * lane; c < K; c += 32 * 32) {
-    const uint4 packed = *reinterpret_cast<const uint4*>(data + (row + c) / 2);
+    uint4 packed;
+    if constexpr (kAligned) {
+      packed = *reinterpret_cast<const uint4*>(data + (row + c) / 2);
+    } else {
+      uint8_t bytes[16];
+#pragma unroll
+      for (int b = 0; b < 16; ++b) bytes[b] = data[(row + c) / 2 + b];
+      memcpy(&packed, bytes, 16);
+    }
     const float scale = absmax[(row + c) / blocksize];
     const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
     float part = 0.0f;
@@ -117,6 +129,31 @@ __global__ void gemv_kernel(const T* x, int64_t K, int64_t stride_xm, const uint
   if (lane == 0) {
     if (bias) acc += bias[n];
     out[m * N + n] = T(acc);
+  }
+}
+
+template <bool kAligned>
+void launch_gemv(const Nf4Args& a, dim3 grid, int threads, cudaStream_t s, int64_t K, int64_t stride_xm, int64_t N) {
+  const uint8_t* data = a.data.ptr<const uint8_t>();
+  const float* absmax = a.absmax.ptr<const float>();
+  const float* code = a.code.ptr<const float>();
+  const float* bias = a.bias.ptr<const float>();
+  switch (a.x.dtype) {
+    case DType::F32:
+      gemv_kernel<float, kAligned><<<grid, threads, 0, s>>>(a.x.ptr<const float>(), K, stride_xm, data, absmax,
+                                                             a.blocksize, N, code, bias, a.out.ptr<float>());
+      break;
+    case DType::BF16:
+      gemv_kernel<__nv_bfloat16, kAligned><<<grid, threads, 0, s>>>(a.x.ptr<const __nv_bfloat16>(), K, stride_xm, data,
+                                                                     absmax, a.blocksize, N, code, bias,
+                                                                     a.out.ptr<__nv_bfloat16>());
+      break;
+    case DType::F16:
+      gemv_kernel<__half, kAligned><<<grid, threads, 0, s>>>(a.x.ptr<const __half>(), K, stride_xm, data, absmax,
+                                                              a.blocksize, N, code, bias, a.out.ptr<__half>());
+      break;
+    default:
+      break;
   }
 }
 
@@ -148,29 +185,14 @@ int nf4_gemv(const Nf4Args& a) {
   check_nf4_gemv(a);
   const int64_t M = a.x.size(0), K = a.x.size(1), N = a.out.size(1), stride_xm = a.x.stride(0);
   if (M == 0 || N == 0) return 0;
+  if (M > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);  // grid.y; callers pass M <= 16
   const int warps = 8;
   const dim3 grid(static_cast<unsigned>((N + warps - 1) / warps), static_cast<unsigned>(M));
   cudaStream_t s = reinterpret_cast<cudaStream_t>(a.stream);
-  const uint8_t* data = a.data.ptr<const uint8_t>();
-  const float* absmax = a.absmax.ptr<const float>();
-  const float* code = a.code.ptr<const float>();
-  const float* bias = a.bias.ptr<const float>();
-  switch (a.x.dtype) {
-    case DType::F32:
-      gemv_kernel<float><<<grid, 32 * warps, 0, s>>>(a.x.ptr<const float>(), K, stride_xm, data, absmax, a.blocksize,
-                                                      N, code, bias, a.out.ptr<float>());
-      break;
-    case DType::BF16:
-      gemv_kernel<__nv_bfloat16><<<grid, 32 * warps, 0, s>>>(a.x.ptr<const __nv_bfloat16>(), K, stride_xm, data,
-                                                              absmax, a.blocksize, N, code, bias,
-                                                              a.out.ptr<__nv_bfloat16>());
-      break;
-    case DType::F16:
-      gemv_kernel<__half><<<grid, 32 * warps, 0, s>>>(a.x.ptr<const __half>(), K, stride_xm, data, absmax, a.blocksize,
-                                                       N, code, bias, a.out.ptr<__half>());
-      break;
-    default:
-      break;
+  if (reinterpret_cast<std::uintptr_t>(a.data.data) % 16 == 0) {
+    launch_gemv<true>(a, grid, 32 * warps, s, K, stride_xm, N);
+  } else {
+    launch_gemv<false>(a, grid, 32 * warps, s, K, stride_xm, N);
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -11,7 +11,7 @@ namespace fusedlm::cuda {
 // ---- nf4.cu ----
 int nf4_quantize(const Nf4Args& args);
 int nf4_dequantize(const Nf4Args& args);
-// out[M, N] (x's dtype) = x[M, K] @ W^T + bias; K % 32 == 0, data 16-byte aligned.
+// out[M, N] (x's dtype) = x[M, K] @ W^T + bias; K % 32 == 0 (data at any address: 16-byte loads when aligned).
 int nf4_gemv(const Nf4Args& args);
 
 // ---- sampling.cu ----

@@ -2,8 +2,8 @@
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (float32 only, tiny shapes);
 with one they run the same cases on CUDA tensors. Gradients are compared with torch autograd
-through the reference; dbias (the full [B, Hq, Nq, Nk] score gradient) is reduced to the bias's
-broadcast shape as the op wrapper does.
+through the reference; dbias comes from the kernel already summed to the bias's broadcast shape
+(``bias_grad_shape``), and not at all when the bias needs no gradient.
 """
 import os
 
@@ -41,6 +41,7 @@ class Case:
     prefix: tuple | None = None  # per batch row, for PREFIX
     pad: tuple | None = None  # number of real (leading) keys per batch row; None = no padding mask
     bias: str | None = None  # None | "full" | "rows" ([1, 1, Nq, Nk] expanded) | "alibi" ([1, Hq, 1, Nk]) | "neginf"
+    #                           | "keys" ([B, 1, 1, Nk]) | "queries" ([1, 1, Nq, 1]) | "scalar" ([1, 1, 1, 1])
     blocks: tuple = (16, 16)  # (block_m, block_n)
     strided: bool = False  # q/k/v as transposed views of [B, N, H, D] tensors
 
@@ -67,6 +68,9 @@ CASES = [
     Case(CAUSAL, 1, 1),
     Case(CAUSAL, 17, 1, pad=(1, 0)),  # only the last query row sees the one key
     Case(CAUSAL, 128, 257, d=64, hq=4, hkv=1, b=1, pad=(250,), blocks=(32, 64)),
+    Case(PREFIX, 33, 40, prefix=(5, 40), pad=(40, 31), bias="keys"),  # dbias: column sums, atomic over tiles
+    Case(CAUSAL, 33, 17, hq=4, hkv=2, bias="queries"),  # dbias: row sums (zero: softmax ignores a row shift)
+    Case(BIDIRECTIONAL, 17, 33, bias="scalar", blocks=(16, 32)),
 ]
 
 
@@ -91,6 +95,12 @@ def _inputs(case: Case, seed=0):
     elif case.bias == "alibi":
         slopes = torch.rand(1, case.hq, 1, 1, generator=g)
         bias = -slopes * torch.arange(case.nk, dtype=torch.float32).flip(0).view(1, 1, 1, -1)
+    elif case.bias == "keys":
+        bias = torch.randn(case.b, 1, 1, case.nk, generator=g)
+    elif case.bias == "queries":
+        bias = torch.randn(1, 1, case.nq, 1, generator=g)
+    elif case.bias == "scalar":
+        bias = torch.randn(1, 1, 1, 1, generator=g)
     elif case.bias == "neginf":
         bias = torch.randn(case.b, 1, case.nq, case.nk, generator=g)
         bias[:, :, 3] = float("-inf")  # query row 3 of every head sees only -inf scores
@@ -103,9 +113,8 @@ def _full(bias, case):
     return bias.expand(case.b, case.hq, case.nq, case.nk) if bias is not None else None
 
 
-def _reduce(dbias, bias):
-    dims = [i for i in range(4) if bias.shape[i] == 1 and dbias.shape[i] != 1]
-    return dbias.sum(dims, keepdim=True) if dims else dbias
+def _grad_shape(bias):
+    return tuple(bias.shape) if bias is not None else None
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -129,7 +138,7 @@ def test_forward_and_backward_match_reference(case):
         grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
     ref_out.backward(grad)
     dq, dk, dv, dbias = tk.backward(grad, q, k, v, out, lse, case.mode, prefix, pad, _full(bias, case), scale,
-                                    block_m=bm, block_n=bn)
+                                    bias_grad_shape=_grad_shape(bias), block_m=bm, block_n=bn)
     for got, leaf, name in ((dq, leaves[0], "dq"), (dk, leaves[1], "dk"), (dv, leaves[2], "dv")):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         assert not got.isnan().any(), name
@@ -137,8 +146,37 @@ def test_forward_and_backward_match_reference(case):
     if bias is None:
         assert dbias is None
     else:
-        assert dbias.shape == (case.b, case.hq, case.nq, case.nk) and dbias.dtype == torch.float32
-        torch.testing.assert_close(_reduce(dbias, bias), rbias.grad, atol=ATOL, rtol=RTOL)
+        assert dbias.shape == bias.shape and dbias.dtype == torch.float32
+        torch.testing.assert_close(dbias, rbias.grad, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("bias_kind", ["full", "alibi", "rows"])
+def test_bias_without_grad_gets_no_gradient_buffer(bias_kind, monkeypatch):
+    """A bias that needs no gradient costs no dbias: the dq kernel is built without it and gets a
+    dummy pointer, and backward returns None (a [B, Hq, Nq, Nk] float32 buffer for ALiBi at
+    B 8, H 32, N 4096 would be 17 GiB)."""
+    case = Case(CAUSAL, 33, 33, hq=4, hkv=2, bias=bias_kind)
+    q, k, v, prefix, pad, bias = _inputs(case)
+    out, lse = tk.forward(q, k, v, CAUSAL, None, None, _full(bias, case), 0.25)
+    seen = {}
+    launcher = tk._dq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen["dbias"], seen["DBIAS"] = args[10], kwargs["DBIAS"]
+                return launcher[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tk, "_dq_kernel", Spy())
+    dq, dk, dv, dbias = tk.backward(torch.ones_like(out), q, k, v, out, lse, CAUSAL, None, None, _full(bias, case), 0.25)
+    assert dbias is None and seen["DBIAS"] is False and seen["dbias"] is q
+    _, _, _, dbias = tk.backward(torch.ones_like(out), q, k, v, out, lse, CAUSAL, None, None, _full(bias, case), 0.25,
+                                 bias_grad_shape=tuple(bias.shape))
+    assert seen["DBIAS"] is True and seen["dbias"].shape == bias.shape  # reduced in the kernel, never full size
+    with pytest.raises(ValueError, match="bias_grad_shape"):
+        tk.backward(torch.ones_like(out), q, k, v, out, lse, CAUSAL, None, None, _full(bias, case), 0.25,
+                    bias_grad_shape=(2, 3, 33, 33))
 
 
 def test_rows_that_see_nothing_give_zeros_and_zero_grads():
@@ -199,42 +237,68 @@ def test_half_precision_inputs_with_default_blocks(dtype):
     for got, want in ((dq, rq), (dk, rk), (dv, rv)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(dbias, rds, atol=1e-2, rtol=1e-2)
+    assert dbias is None  # no bias_grad_shape: no bias gradient
+    _, _, _, dbias = tk.backward(grad, q, k, v, out, lse, PREFIX, prefix, pad, _full(bias, case), 0.25,
+                                 bias_grad_shape=tuple(bias.shape))
+    torch.testing.assert_close(dbias, rds.sum((0, 2), keepdim=True), atol=1e-2, rtol=1e-2)
 
 
-_SM90_BUILD = r'''
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fusedlm.kernels import attention as tk
-
-POINTERS = {"bias": "*fp32", "lse": "*fp32", "delta": "*fp32", "dbias": "*fp32", "prefix": "*i64", "pad": "*u8"}
-for dtype, name, d, mode, extras in ((torch.bfloat16, "bf16", 128, 1, True), (torch.float32, "fp32", 64, 0, False)):
-    for kernel, fn in (("fwd", tk._fwd_kernel), ("dkdv", tk._dkdv_kernel), ("dq", tk._dq_kernel)):
-        bm, bn, warps, stages = tk._blocks(kernel, d, dtype, extras)
-        const = dict(MASK_MODE=mode, HAS_BIAS=extras, HAS_PAD=extras, HEAD_DIM=d, BLOCK_D=tk._block_d(d),
-                     BLOCK_M=bm, BLOCK_N=bn, PRECISION=tk._precision(dtype))
-        sig = {a: "constexpr" if a in const else POINTERS.get(a[:-4], "*" + name) if a.endswith("_ptr")
-               else "fp32" if a in ("qk_scale", "scale") else "i32" for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": stages})
-        assert k.metadata.shared <= 232448, (kernel, name, k.metadata.shared)  # sm_90: 227 KiB per block
-print("built")
-'''
+# The sm_90 ahead-of-time build of these kernels (and every other one): tests/kernels/test_aot_sm90.py.
 
 
-@pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile and run the kernels")
-def test_kernels_build_for_sm90_without_a_gpu():
-    """Compiles the kernels ahead of time for an H100/H200 (sm_90) with their default launch
-    configurations, so CI on a CPU catches code the interpreter accepts but the compiler does not,
-    and tiles that do not fit in shared memory."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("bias_requires_grad", [False, True])
+def test_op_asks_the_kernel_for_a_bias_gradient_only_when_needed(bias_requires_grad, monkeypatch):
+    """ops.attention's backward passes bias_grad_shape (the broadcast shape) only for a bias that
+    requires grad; the gradient that comes back equals the reference's."""
+    from fusedlm import ops
 
-    import triton.backends
+    case = Case(CAUSAL, 17, 17, hq=4, hkv=2, bias="alibi")
+    q, k, v, _, _, bias = _inputs(case)
+    q.requires_grad_(True)
+    bias = bias.requires_grad_(bias_requires_grad)
+    asked = []
+    backward = tk.backward
 
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no nvidia backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _SM90_BUILD], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "built" in run.stdout, run.stderr[-3000:]
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("bias_grad_shape"))
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "backward", spy)
+    with ops.use_backend("triton"):
+        out = ops.attention(q, k, v, bias=bias)
+    out.sum().backward()
+    assert asked == [[1, 4, 1, 17] if bias_requires_grad else None]
+    rq, rb = q.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(bias_requires_grad)
+    with ops.use_backend("reference"):
+        ops.attention(rq, k, v, bias=rb).sum().backward()
+    torch.testing.assert_close(q.grad, rq.grad, atol=ATOL, rtol=RTOL)
+    if bias_requires_grad:
+        assert bias.grad.shape == bias.shape
+        torch.testing.assert_close(bias.grad, rb.grad, atol=ATOL, rtol=RTOL)
+
+
+DECODE_CASES = [
+    Case(CAUSAL, 1, 100, hq=8, hkv=2),  # one token against a cache, GQA 4
+    Case(CAUSAL, 5, 70, pad=(70, 33), bias="alibi", hq=4, hkv=2),
+    Case(PREFIX, 16, 50, prefix=(3, 50)),
+    Case(BIDIRECTIONAL, 3, 81, d=80, hq=4, hkv=1, bias="full"),
+    Case(CAUSAL, 6, 4, pad=(4, 0)),  # rows that see nothing (Nq > Nk, a fully padded batch row)
+]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode_split_kv_matches_reference(case, splits):
+    """Nq <= DECODE_ROWS: one 16-row tile per (batch, head), the keys split over `splits`
+    programs and merged by the combine kernel; out and lse as the reference's (lse -inf and out 0
+    for rows that see nothing), and the backward runs from that lse."""
+    q, k, v, prefix, pad, bias = _inputs(case)
+    scale = case.d ** -0.5
+    out, lse = tk.forward(q, k, v, case.mode, prefix, pad, _full(bias, case), scale, splits=splits)
+    ref_out, ref_lse = ref.attention_lse(q, k, v, case.mode, prefix, pad, bias, scale)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=RTOL)
+    grad = torch.ones_like(out)
+    dq, _, _, _ = tk.backward(grad, q, k, v, out, lse, case.mode, prefix, pad, _full(bias, case), scale)
+    rq, _, _, _ = ref.attention_backward(grad, q, k, v, ref_out, ref_lse, case.mode, prefix, pad, _full(bias, case), scale)
+    torch.testing.assert_close(dq, rq, atol=ATOL, rtol=RTOL)

@@ -4,6 +4,7 @@
     fusedlm bench --full          # the whole grid of every suite
     fusedlm bench --suite nf4     # one suite (repeatable)
     fusedlm bench --isa avx2      # fusedlm's kernels and torch's capped at AVX2 (as on an AVX2-only CPU)
+    fusedlm bench --gpu           # the ops on CUDA tensors against the GPU peers (benchmarks/gpu_run.py)
 """
 from __future__ import annotations
 
@@ -57,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch/fusedlm threads (default: torch's default)")
     parser.add_argument("--isa", choices=sorted(ISA_CAPS), default=None,
                         help="cap the SIMD level of fusedlm's kernels and of torch's (a fresh process is started)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU suites instead (python -m fusedlm.benchmarks.gpu_run)")
     args = parser.parse_args(argv)
+    if args.gpu:
+        from . import gpu_run
+
+        return gpu_run.main(["--json", os.path.join(args.out, "gpu-results.json")]
+                            + [f"--suite={s}" for s in args.suite or [] if s in gpu_run.SUITES])
     if args.isa:
         env = _capped_environment(args.isa)
         if env is not None:

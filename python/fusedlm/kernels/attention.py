@@ -17,6 +17,12 @@ and key tiles below the first row's bound are visible to the whole tile: they ar
 without the per-element visibility test (the key padding mask, a per-column test, still applies).
 The backward kernels use the same two regions seen from a key tile.
 
+Decode: up to ``DECODE_ROWS`` query rows (one new token against a KV cache) run a split-KV
+forward instead: one 16-row query tile per (batch, head), the key range split over several
+programs, merged by a small combine kernel (see the section's comment).
+
+Grids put batch x heads on axis 0 (CUDA allows 2^31 - 1 programs there, 65535 on axes 1 and 2).
+
 Block sizes: the defaults (`_blocks`) are picked for H100/H200-class GPUs; under
 ``TRITON_INTERPRET=1`` they shrink to 16 so the CPU interpreter stays quick. ``forward`` and
 ``backward`` accept ``block_m``/``block_n`` keywords to override them (tests use this to force
@@ -133,7 +139,7 @@ def _masked_scores(
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward: one program per (query tile, batch * query head)
+# Forward: one program per (batch * query head, query tile)
 # ---------------------------------------------------------------------------------------------
 # Online softmax (FlashAttention-2), in base 2: for each key tile with scores s (already times
 # log2 e), m' = max(m, rowmax(s)), p = exp2(s - m'), l' = l * exp2(m - m') + rowsum(p),
@@ -197,8 +203,8 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows / keys per tile
     PRECISION: tl.constexpr,  # tl.dot input precision for float32 inputs (see _precision)
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys) first
-    pid_bh = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query tiles (most keys) first
+    pid_bh = tl.program_id(0)
     b = (pid_bh // hq).to(tl.int64)
     h = (pid_bh % hq).to(tl.int64)
     hk = h // group
@@ -243,6 +249,104 @@ def _fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# Decode (Nq <= DECODE_ROWS, e.g. one new token against a KV cache): split-KV. The query rows fit
+# one 16-row tile instead of a 128-row one (which would be 127/128 padding), and the keys are
+# split over several programs so that a few (batch, head) pairs still fill the device. Program
+# (bh, s) runs the online softmax over its key range and writes its unnormalised partial output
+# acc_s with (m_s, l_s); _combine_kernel merges the splits:
+#   m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l,  lse = (m + log2 l) ln 2.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_split_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, prefix_ptr, pad_ptr,  # as in _fwd_kernel
+    acc_ptr,  # out: float32 [S, B * Hq, BLOCK_M, BLOCK_D] partial outputs (contiguous)
+    ml_ptr,  # out: float32 [S, B * Hq, BLOCK_M, 2] partial row max (base 2) and row sum (contiguous)
+    stride_qb, stride_qh, stride_qm, stride_qd,  # elements between batches / heads / rows / dims of q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # same for k
+    stride_vb, stride_vh, stride_vn, stride_vd,  # same for v
+    stride_bb, stride_bh, stride_bm, stride_bn,  # same for bias (0 where broadcast)
+    stride_pb, stride_pn,  # padding mask: elements between batch rows / keys
+    hq, nq, nk, group, qk_scale,  # as in _fwd_kernel
+    keys_per_split,  # keys each split covers (a multiple of BLOCK_N)
+    MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // hq).to(tl.int64)
+    h = (pid_bh % hq).to(tl.int64)
+    hk = h // group
+    rows = tl.arange(0, BLOCK_M)  # every query row (nq <= BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(rows < nq)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    bias_base = bias_ptr + b * stride_bb + h * stride_bh if HAS_BIAS else bias_ptr
+    pad_base = pad_ptr + b * stride_pb if HAS_PAD else pad_ptr
+    prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == _PREFIX else 0
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    full_end, hi = _key_range(0, nq, nk, prefix, MASK_MODE, BLOCK_M, BLOCK_N)
+    lo = split * keys_per_split
+    end = tl.minimum(lo + keys_per_split, hi)
+    for start_n in range(lo, tl.minimum(full_end, end), BLOCK_N):  # tiles every row sees
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, bias_base, pad_base, start_n, rows, offs_n,
+                                  offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                  stride_pn, nq, nk, prefix, qk_scale, False, MASK_MODE, HAS_BIAS, HAS_PAD,
+                                  HEAD_DIM, PRECISION)
+    for start_n in range(tl.maximum(full_end, lo), end, BLOCK_N):  # tiles on the mask's edge
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, bias_base, pad_base, start_n, rows, offs_n,
+                                  offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                  stride_pn, nq, nk, prefix, qk_scale, True, MASK_MODE, HAS_BIAS, HAS_PAD,
+                                  HEAD_DIM, PRECISION)
+    part = (split.to(tl.int64) * tl.num_programs(0) + pid_bh) * BLOCK_M + rows  # [BLOCK_M] row index in the buffers
+    tl.store(acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], acc)
+    tl.store(ml_ptr + part * 2, m_i)
+    tl.store(ml_ptr + part * 2 + 1, l_i)
+
+
+@triton.jit
+def _combine_kernel(
+    acc_ptr, ml_ptr,  # the partials of _fwd_split_kernel
+    out_ptr, lse_ptr,  # out: [B, Hq, Nq, D] in q's dtype, float32 [B, Hq, Nq]
+    stride_ob, stride_oh, stride_om, stride_od,  # elements between batches / heads / rows / dims of out
+    stride_lb, stride_lh, stride_lm,  # same for lse
+    hq, nq, splits,  # heads, query rows, number of splits
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    bh_count = tl.num_programs(0)
+    b = (pid_bh // hq).to(tl.int64)
+    h = (pid_bh % hq).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, splits):
+        part = (s * bh_count + pid_bh).to(tl.int64) * BLOCK_M + rows
+        m = tl.maximum(m, tl.load(ml_ptr + part * 2))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, splits):
+        part = (s * bh_count + pid_bh).to(tl.int64) * BLOCK_M + rows
+        w = tl.math.exp2(tl.load(ml_ptr + part * 2) - m_safe)  # 0 for a split that saw nothing
+        l_sum += tl.load(ml_ptr + part * 2 + 1) * w
+        acc += tl.load(acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :]) * w[:, None]
+    empty = l_sum == 0.0
+    out = acc / tl.where(empty, 1.0, l_sum)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_sum))) * _LN2)
+    row_ok = rows < nq
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_lm, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
 # Backward. With P = exp(S - lse) recomputed tile by tile and delta_i = sum_d dO[i, d] O[i, d]:
 #   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q,
 # and dbias = dS. Rows with lse = -inf (they see nothing) use lse = +inf so that P = 0.
@@ -256,8 +360,8 @@ def _delta_kernel(
     hq, nq,  # heads, rows
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     b = (pid_bh // hq).to(tl.int64)
     h = (pid_bh % hq).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -320,11 +424,11 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # One program per (key tile, batch * key/value head); it loops over the `group` query heads
+    # One program per (batch * key/value head, key tile); it loops over the `group` query heads
     # that read this head and, for each, over the query tiles that see any key of the tile, so
     # dK and dV are summed in registers (no atomics, no copy of K/V per query head).
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     hkv = hq // group
     b = (pid_bh // hkv).to(tl.int64)
     hk = (pid_bh % hkv).to(tl.int64)
@@ -370,6 +474,7 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_tile(
     dq,  # running gradient [BLOCK_M, BLOCK_D] (fp32)
+    db_rows,  # running row sums of dS [BLOCK_M] (fp32), for a bias gradient without a key axis
     q, do, lse, delta,  # this query tile, its grad_out, base-2 lse (+inf for empty rows), delta
     k_base, v_base, bias_base, pad_base, dbias_base,  # this (batch, head)'s tensors
     start_n, rows, offs_n, offs_d,
@@ -377,6 +482,7 @@ def _dq_tile(
     nq, nk, prefix, qk_scale,
     MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    DBIAS: tl.constexpr, DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DB_ATOMIC: tl.constexpr,
 ):
     cols = start_n + offs_n
     col_ok = cols < nk
@@ -392,10 +498,20 @@ def _dq_tile(
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    if HAS_BIAS:
-        tl.store(dbias_base + rows[:, None] * stride_dbm + cols[None, :] * stride_dbn, ds,
-                 mask=(rows[:, None] < nq) & col_ok[None, :])
-    return dq
+    if DBIAS:  # dbias = dS, summed over the axes the bias is broadcast along (see _dq_kernel)
+        if DB_COLS:
+            if DB_ROWS:
+                ptrs = dbias_base + rows[:, None] * stride_dbm + cols[None, :] * stride_dbn
+                in_bounds = (rows[:, None] < nq) & col_ok[None, :]
+                if DB_ATOMIC:
+                    tl.atomic_add(ptrs, ds, mask=in_bounds)
+                else:
+                    tl.store(ptrs, ds, mask=in_bounds)
+            else:  # one row of gradient per key: other query tiles add to it too
+                tl.atomic_add(dbias_base + cols * stride_dbn, tl.sum(ds, 0), mask=col_ok)
+        else:
+            db_rows += tl.sum(ds, 1)
+    return dq, db_rows
 
 
 @triton.jit
@@ -405,7 +521,7 @@ def _dq_kernel(
     bias_ptr, prefix_ptr, pad_ptr,  # as in _fwd_kernel (0 when absent)
     lse_ptr, delta_ptr,  # float32 [B * Hq * Nq] (contiguous): forward log-sum-exp, rowsum(dO * O)
     dq_ptr,  # out: [B, Hq, Nq, D]
-    dbias_ptr,  # out: float32 [B, Hq, Nq, Nk], zero-initialised (hidden tiles are not written), or 0
+    dbias_ptr,  # out: float32 bias gradient in the bias's broadcast shape, zero-initialised, or 0
     stride_qb, stride_qh, stride_qm, stride_qd,  # elements between batches / heads / rows / dims of q
     stride_kb, stride_kh, stride_kn, stride_kd,  # same for k
     stride_vb, stride_vh, stride_vn, stride_vd,  # same for v
@@ -413,16 +529,22 @@ def _dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,  # same for bias (0 where broadcast)
     stride_pb, stride_pn,  # padding mask: elements between batch rows / keys
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # same for dq
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn,  # same for dbias
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,  # same for dbias (0 along its broadcast axes)
     hq, nq, nk, group, qk_scale, scale,  # as in _fwd_kernel; scale = the softmax scale
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    DBIAS: tl.constexpr,  # compute the bias gradient (only when the bias requires grad)
+    DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr,  # the bias varies along Nq / along Nk (else dS is summed)
+    DB_ATOMIC: tl.constexpr,  # the bias is shared by several (batch, head) programs: add atomically
 ):
-    # One program per (query tile, batch * query head), visiting the key tiles of _key_range as
-    # the forward does; it also writes dbias = dS for those tiles.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # last query tiles (most keys) first
-    pid_bh = tl.program_id(1)
+    # One program per (batch * query head, query tile), visiting the key tiles of _key_range as
+    # the forward does. It also accumulates dbias = dS for those tiles (hidden ones are zero),
+    # reduced in registers over the axes the bias is broadcast along: a per-key bias (ALiBi,
+    # [.., 1, Nk]) gets one atomic add of dS's column sums per tile, a per-query one a single
+    # add of its row sums at the end, so nothing of [B, Hq, Nq, Nk] is allocated for them.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last query tiles (most keys) first
+    pid_bh = tl.program_id(0)
     b = (pid_bh // hq).to(tl.int64)
     h = (pid_bh % hq).to(tl.int64)
     hk = h // group
@@ -443,22 +565,31 @@ def _dq_kernel(
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     bias_base = bias_ptr + b * stride_bb + h * stride_bh if HAS_BIAS else bias_ptr
-    dbias_base = dbias_ptr + b * stride_dbb + h * stride_dbh if HAS_BIAS else dbias_ptr
+    dbias_base = dbias_ptr + b * stride_dbb + h * stride_dbh if DBIAS else dbias_ptr
     pad_base = pad_ptr + b * stride_pb if HAS_PAD else pad_ptr
     prefix = tl.load(prefix_ptr + b).to(tl.int32) if MASK_MODE == _PREFIX else 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     full_end, hi = _key_range(m0, nq, nk, prefix, MASK_MODE, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n, rows, offs_n,
-                      offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_pn,
-                      stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, False, MASK_MODE, HAS_BIAS, HAS_PAD,
-                      HEAD_DIM, PRECISION)
+        dq, db_rows = _dq_tile(dq, db_rows, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n,
+                               rows, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                               stride_pn, stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, False, MASK_MODE, HAS_BIAS,
+                               HAS_PAD, HEAD_DIM, PRECISION, DBIAS, DB_ROWS, DB_COLS, DB_ATOMIC)
     for start_n in range(full_end, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n, rows, offs_n,
-                      offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_pn,
-                      stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, True, MASK_MODE, HAS_BIAS, HAS_PAD,
-                      HEAD_DIM, PRECISION)
+        dq, db_rows = _dq_tile(dq, db_rows, q, do, lse, delta, k_base, v_base, bias_base, pad_base, dbias_base, start_n,
+                               rows, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                               stride_pn, stride_dbm, stride_dbn, nq, nk, prefix, qk_scale, True, MASK_MODE, HAS_BIAS,
+                               HAS_PAD, HEAD_DIM, PRECISION, DBIAS, DB_ROWS, DB_COLS, DB_ATOMIC)
+    if DBIAS and not DB_COLS:  # a bias without a key axis: the row sums of dS
+        if DB_ROWS:
+            if DB_ATOMIC:
+                tl.atomic_add(dbias_base + rows * stride_dbm, db_rows, mask=row_ok)
+            else:
+                tl.store(dbias_base + rows * stride_dbm, db_rows, mask=row_ok)
+        else:
+            tl.atomic_add(dbias_base, tl.sum(db_rows, 0))
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
@@ -527,23 +658,67 @@ def _mask_args(prefix_len, key_padding_mask, q):
     return (prefix if prefix is not None else dummy), (pad if pad is not None else dummy), pad_strides
 
 
+DECODE_ROWS = 16  # up to this many query rows the forward takes the split-KV decode kernels
+SM_COUNT_GUESS = 132  # H100 SXM; the number of splits only aims at a few programs per SM
+
+
+def _decode_splits(programs: int, nk: int, block_n: int, device: torch.device) -> int:
+    """Splits of the key range so that about two programs per SM run, each over >= 4 key tiles."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SM_COUNT_GUESS
+    tiles = triton.cdiv(nk, block_n)
+    return max(1, min(triton.cdiv(2 * sms, programs), tiles // 4))
+
+
+def _decode(q, k, v, mask_mode, prefix, pad, pad_strides, bias, has_pad, scale, out, lse, block_n, splits):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    bd = _block_d(d)
+    bm = 16
+    if interpreting():
+        bn, warps, stages = block_n or 16, 4, 1
+    else:
+        bn = block_n or (64 if d <= 128 and q.dtype != torch.float32 else 32)  # float32 tiles: twice the registers
+        warps, stages = 4, (3 if q.dtype != torch.float32 else 2)
+    splits = splits or _decode_splits(b * hq, nk, bn, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(nk, splits), bn) * bn
+    splits = max(1, triton.cdiv(nk, keys_per_split))
+    acc = torch.empty((splits, b * hq, bm, bd), dtype=torch.float32, device=q.device)
+    ml = torch.empty((splits, b * hq, bm, 2), dtype=torch.float32, device=q.device)
+    _fwd_split_kernel[(b * hq, splits)](
+        q, k, v, bias if bias is not None else q, prefix, pad, acc, ml,
+        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *pad_strides,
+        hq, nq, nk, hq // hkv, scale * LOG2E, keys_per_split,
+        MASK_MODE=mask_mode, HAS_BIAS=bias is not None, HAS_PAD=has_pad, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm,
+        BLOCK_N=bn, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    _combine_kernel[(b * hq,)](
+        acc, ml, out, lse, *out.stride(), *lse.stride(), hq, nq, splits, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm,
+    )
+
+
 def forward(q, k, v, mask_mode: int, prefix_len, key_padding_mask, bias, scale: float, *,
-            block_m: int | None = None, block_n: int | None = None):
+            block_m: int | None = None, block_n: int | None = None, splits: int | None = None):
     """Returns ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``.
 
     q, k, v: any strides; prefix_len: int64 [B] (mask_mode 1) or None; key_padding_mask: bool
     [B, Nk] or None; bias: a float view of shape [B, Hq, Nq, Nk] (zero strides allowed) or None.
+    Up to DECODE_ROWS query rows (and no block_m given) run the split-KV decode kernels, with
+    `splits` key splits (default: enough programs for the device).
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dtype = q.dtype
     q, k, v, bias = _kernel_input(q), _kernel_input(k), _kernel_input(v), _kernel_input(bias)
-    bm, bn, warps, stages = _blocks("fwd", d, q.dtype, bias is not None)
-    bm, bn = block_m or bm, block_n or bn
     out = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     prefix, pad, pad_strides = _mask_args(prefix_len, key_padding_mask, q)
-    grid = (triton.cdiv(nq, bm), b * hq)
+    if nq <= DECODE_ROWS and block_m is None:
+        _decode(q, k, v, mask_mode, prefix, pad, pad_strides, bias, key_padding_mask is not None, scale, out, lse,
+                block_n, splits)
+        return out.to(dtype), lse
+    bm, bn, warps, stages = _blocks("fwd", d, q.dtype, bias is not None)
+    bm, bn = block_m or bm, block_n or bn
+    grid = (b * hq, triton.cdiv(nq, bm))  # batch x heads on axis 0: axes 1 and 2 stop at 65535
     _fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, prefix, pad, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *pad_strides, *out.stride(), *lse.stride(),
@@ -556,11 +731,16 @@ def forward(q, k, v, mask_mode: int, prefix_len, key_padding_mask, bias, scale: 
 
 
 def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_padding_mask, bias, scale: float, *,
+             bias_grad_shape: tuple[int, int, int, int] | None = None,
              block_m: int | None = None, block_n: int | None = None):
     """Returns ``(dq, dk, dv, dbias)``: dq/dk/dv in the input dtypes (dk, dv [B, Hkv, Nk, D]
-    summed over each group's query heads), dbias the float32 gradient of the full
-    [B, Hq, Nq, Nk] scores (None when bias is None). Arguments as in :func:`forward`, plus the
-    forward's out and lse."""
+    summed over each group's query heads) and dbias, the float32 gradient of the bias.
+
+    Arguments as in :func:`forward`, plus the forward's out and lse. ``bias_grad_shape``: None when
+    the bias needs no gradient (dbias is then None and nothing is computed for it), else the bias's
+    shape as four dims, each 1 (broadcast) or the full size of [B, Hq, Nq, Nk]: dbias comes in that
+    shape, summed over the broadcast dims inside the kernel (no [B, Hq, Nq, Nk] buffer unless the
+    bias itself is that big)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     dtypes = q.dtype, k.dtype, v.dtype
@@ -575,7 +755,7 @@ def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_paddin
 
     delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     delta_rows = 16 if interpreting() else max(16, 4096 // bd)
-    _delta_kernel[(triton.cdiv(nq, delta_rows), b * hq)](
+    _delta_kernel[(b * hq, triton.cdiv(nq, delta_rows))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, nq, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=delta_rows,
     )
 
@@ -583,7 +763,7 @@ def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_paddin
     bm, bn = block_m or bm, block_n or bn
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=q.device)
-    _dkdv_kernel[(triton.cdiv(nk, bn), b * hkv)](
+    _dkdv_kernel[(b * hkv, triton.cdiv(nk, bn))](
         q, k, v, grad_out, bias if has_bias else q, prefix, pad, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias), *pad_strides, *dk.stride(),
         hq, nq, nk, hq // hkv, qk_scale, scale,
@@ -594,13 +774,22 @@ def backward(grad_out, q, k, v, out, lse, mask_mode: int, prefix_len, key_paddin
     bm, bn, warps, stages = _blocks("dq", d, q.dtype, has_bias)
     bm, bn = block_m or bm, block_n or bn
     dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
-    dbias = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if has_bias else None
-    _dq_kernel[(triton.cdiv(nq, bm), b * hq)](
-        q, k, v, grad_out, bias if has_bias else q, prefix, pad, lse, delta, dq, dbias if has_bias else q,
+    dbias, db_strides, db_flags = None, (0, 0, 0, 0), (False, False, False)
+    if has_bias and bias_grad_shape is not None:
+        full = (b, hq, nq, nk)
+        shape = tuple(int(s) for s in bias_grad_shape)
+        if len(shape) != 4 or any(s not in (1, f) for s, f in zip(shape, full)):
+            raise ValueError(f"bias_grad_shape must be 4 dims each 1 or of {list(full)}, got {list(shape)}")
+        dbias = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        db_strides = tuple(st if sz > 1 else 0 for st, sz in zip(dbias.stride(), shape))
+        db_flags = (nq > 1 and shape[2] > 1, nk > 1 and shape[3] > 1,
+                    (b > 1 and shape[0] == 1) or (hq > 1 and shape[1] == 1))
+    _dq_kernel[(b * hq, triton.cdiv(nq, bm))](
+        q, k, v, grad_out, bias if has_bias else q, prefix, pad, lse, delta, dq, dbias if dbias is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bias_strides(bias), *pad_strides, *dq.stride(),
-        *(dbias.stride() if has_bias else (0, 0, 0, 0)),
-        hq, nq, nk, hq // hkv, qk_scale, scale,
+        *db_strides, hq, nq, nk, hq // hkv, qk_scale, scale,
         MASK_MODE=mask_mode, HAS_BIAS=has_bias, HAS_PAD=has_pad, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-        PRECISION=precision, num_warps=warps, num_stages=stages,
+        PRECISION=precision, DBIAS=dbias is not None, DB_ROWS=db_flags[0], DB_COLS=db_flags[1], DB_ATOMIC=db_flags[2],
+        num_warps=warps, num_stages=stages,
     )
     return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dbias

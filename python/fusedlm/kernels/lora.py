@@ -44,39 +44,42 @@ def _lora_linear_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    # element offsets in int64: M * K, N * K or M * N may pass 2^31 (a long batch times a wide layer)
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
 
     # 1. base tile
     if HAS_BASE:
-        acc = tl.load(base_ptr + rm[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.load(base_ptr + rm64[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
+            xt = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + rn64[None, :] * K + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
             acc += tl.dot(xt, wt, input_precision=PRECISION, out_dtype=tl.float32)
 
     # 2. adapter term: s_m * h_m . B_{id_m}[n, :]
     scale = tl.load(scale_ptr + rm, mask=m_ok, other=0.0)
     if MULTI:
         ids = tl.load(ids_ptr + rm, mask=m_ok, other=0)
-        b_row = ids[:, None] * N * R + rn[None, :] * R  # [BM, BN] offset of B[id_m, n, 0]
+        b_row = ids[:, None] * N * R + rn64[None, :] * R  # [BM, BN] offset of B[id_m, n, 0]
         for j in range(0, R):
-            hj = tl.load(h_ptr + rm * R + j, mask=m_ok, other=0.0) * scale
+            hj = tl.load(h_ptr + rm64 * R + j, mask=m_ok, other=0.0) * scale
             bj = tl.load(b_ptr + b_row + j, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             acc += hj[:, None] * bj
     else:
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        ht = tl.load(h_ptr + rm[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + rn[None, :] * R + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0).to(tl.float32)
+        ht = tl.load(h_ptr + rm64[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rn64[None, :] * R + rr[:, None], mask=n_ok[None, :] & r_ok[:, None], other=0.0).to(tl.float32)
         acc += tl.dot(ht * scale[:, None], bt, input_precision="ieee", out_dtype=tl.float32)
 
     # 3. bias and the one store
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptr + rm64[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def lora_linear(x, weight, base, h, lora_b, ids, scales, bias):
@@ -103,5 +106,6 @@ def lora_linear(x, weight, base, h, lora_b, ids, scales, bias):
         HAS_BASE=base is not None, HAS_BIAS=bias is not None, MULTI=n_adapters > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         BLOCK_M=block, BLOCK_N=block, BLOCK_K=16 if interp else 32, BLOCK_R=block_r,
+        num_warps=8 if x.dtype == torch.float32 else 4,  # float32 tiles take twice the registers
     )
     return y.to(x.dtype)

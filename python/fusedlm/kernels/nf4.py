@@ -45,7 +45,9 @@ def _quantize_kernel(
     b = tl.load(w_ptr + even + 1, mask=even + 1 < n, other=0.0).to(tl.float32)  # odd n: pad with 0
     amax = tl.maximum(tl.max(tl.abs(a), axis=0), tl.max(tl.abs(b), axis=0))
     full = begin + BLOCKSIZE <= n
-    safe = tl.maximum(amax, 1e-38)
+    # The clamp is a float32 constant: a bare 1e-38 is below float32's smallest normal, and Triton
+    # 3.6 types such a literal float64, which div_rn below rejects (3.9 and the interpreter do not).
+    safe = tl.maximum(amax, tl.full([], 1e-38, tl.float32))
     # Full blocks multiply by the float32 reciprocal, the short tail block divides (bitsandbytes'
     # way); a short tail block stores the clamped absmax.
     if full:
@@ -116,13 +118,29 @@ def dequantize(data: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: t
 # ---------------------------------------------------------------------------------------------
 # matmul: out[M, N] = x[M, K] @ W[N, K]^T (+ bias), W decoded tile by tile in registers
 # ---------------------------------------------------------------------------------------------
+# With K even (EVEN_K) row n of W is the bytes [n K / 2, (n + 1) K / 2): a tile is loaded as bytes
+# (contiguous along K, so the loads vectorise), each byte gives the weight of an even column (high
+# nibble) and of the odd one after it (low nibble), and x is read as its even and odd columns. Both
+# nibbles of a byte share one absmax block (blocksizes are even), found with a shift: blocksizes are
+# powers of two, so no division. Odd K (rows that start mid-byte) take the flat-index path.
 @triton.jit
-def _decode_tile(data_ptr, absmax_ptr, code_ptr, rows, cols, K, blocksize, mask):
-    """W[rows, cols] as float32, decoded from the packed bytes (rows/cols broadcast to a tile)."""
+def _decode_pairs(data_ptr, absmax_ptr, code_ptr, byte_off, pair_shift, mask):
+    """(high, low) nibble weights, float32, of the bytes at int64 offsets `byte_off` (a tile);
+    pair_shift = log2(blocksize) - 1 maps a byte offset to its absmax block."""
+    byte = tl.load(data_ptr + byte_off, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + (byte_off >> pair_shift), mask=mask, other=0.0)
+    hi = tl.load(code_ptr + (byte >> 4)) * scale
+    lo = tl.load(code_ptr + (byte & 0xF)) * scale
+    return hi, lo
+
+
+@triton.jit
+def _decode_tile(data_ptr, absmax_ptr, code_ptr, rows, cols, K, shift, mask):
+    """W[rows, cols] as float32 by flat index (any K; rows/cols broadcast to a tile); shift = log2(blocksize)."""
     flat = rows.to(tl.int64) * K + cols
-    byte = tl.load(data_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> ((1 - flat % 2) * 4).to(tl.int32)) & 0xF  # even element: high nibble
-    scale = tl.load(absmax_ptr + flat // blocksize, mask=mask, other=0.0)
+    byte = tl.load(data_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF  # even element: high nibble
+    scale = tl.load(absmax_ptr + (flat >> shift), mask=mask, other=0.0)
     return tl.load(code_ptr + nibble) * scale
 
 
@@ -131,26 +149,43 @@ def _gemv_kernel(
     x_ptr,  # x [M, K], rows `stride_xm` elements apart, unit stride along K
     data_ptr, absmax_ptr, code_ptr,  # the NF4 weight [N, K] and the code table
     out_ptr,  # float32 partial sums [SPLIT_K, M, N]
-    M, N, K, blocksize,
+    M, N, K,
+    shift,  # log2(blocksize)
     stride_xm,  # elements between two rows of x
     BLOCK_N: tl.constexpr,  # output features per program
     BLOCK_K: tl.constexpr,  # K elements per step
     K_PER_SPLIT: tl.constexpr,  # K range one program covers (a multiple of BLOCK_K)
+    EVEN_K: tl.constexpr,  # K is even: rows start on a byte (the byte-pair path)
 ):
     # One program: BLOCK_N output features of one row of x, over one K_PER_SPLIT slice of K
     # (split-K keeps enough programs in flight when M * N / BLOCK_N is small).
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    m = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(split * K_PER_SPLIT, tl.minimum(K, (split + 1) * K_PER_SPLIT), BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-        mask = (rows[:, None] < N) & (cols[None, :] < K)
-        w = _decode_tile(data_ptr, absmax_ptr, code_ptr, rows[:, None], cols[None, :], K, blocksize, mask)
-        acc += tl.sum(w * xk[None, :], axis=1)
-    tl.store(out_ptr + (split * M + m) * N + rows, acc, mask=rows < N)
+    x_row = x_ptr + m * stride_xm
+    k_end = tl.minimum(K, (split + 1) * K_PER_SPLIT)
+    if EVEN_K:
+        row_byte = rows.to(tl.int64) * (K // 2)  # [BLOCK_N] first byte of each row
+        half = tl.arange(0, BLOCK_K // 2)
+        for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+            pairs = k0 // 2 + half  # byte index within the row
+            p_ok = pairs < k_end // 2
+            x_even = tl.load(x_row + 2 * pairs, mask=p_ok, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_row + 2 * pairs + 1, mask=p_ok, other=0.0).to(tl.float32)
+            hi, lo = _decode_pairs(data_ptr, absmax_ptr, code_ptr, row_byte[:, None] + pairs[None, :], shift - 1,
+                                   row_ok[:, None] & p_ok[None, :])
+            acc += tl.sum(hi * x_even[None, :] + lo * x_odd[None, :], axis=1)
+    else:
+        for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_row + cols, mask=cols < k_end, other=0.0).to(tl.float32)
+            mask = row_ok[:, None] & (cols[None, :] < k_end)
+            w = _decode_tile(data_ptr, absmax_ptr, code_ptr, rows[:, None], cols[None, :], K, shift, mask)
+            acc += tl.sum(w * xk[None, :], axis=1)
+    tl.store(out_ptr + (split * M + m) * N + rows, acc, mask=row_ok)
 
 
 @triton.jit
@@ -158,36 +193,62 @@ def _gemm_kernel(
     x_ptr,  # x [M, K], rows `stride_xm` elements apart, unit stride along K
     data_ptr, absmax_ptr, code_ptr,  # the NF4 weight [N, K] and the code table
     out_ptr,  # float32 out [M, N]
-    M, N, K, blocksize,
+    M, N, K,
+    shift,  # log2(blocksize)
     stride_xm,  # elements between two rows of x
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_BF16: tl.constexpr,  # multiply in bfloat16 (x is bf16) with float32 accumulation
+    EVEN_K: tl.constexpr,  # K is even: rows start on a byte (the byte-pair path)
+    PRECISION: tl.constexpr,  # tl.dot input precision for float32 x ("tf32" or "tf32x3", as torch's matmul)
 ):
-    # One program: an output tile [BLOCK_M, BLOCK_N]; each K step decodes a [BLOCK_K, BLOCK_N]
-    # tile of W^T into registers and feeds it to tl.dot.
+    # One program: an output tile [BLOCK_M, BLOCK_N]; each K step decodes a tile of W^T into
+    # registers, in x's dtype (bf16/fp16 on the tensor cores; float32 x as TF32 products), and
+    # feeds it to tl.dot with float32 accumulation. With EVEN_K the step is two dots of half depth:
+    # the even columns of x with the high nibbles, the odd ones with the low nibbles.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        mask = (rk[:, None] < K) & (rn[None, :] < N)
-        wt = _decode_tile(data_ptr, absmax_ptr, code_ptr, rn[None, :], rk[:, None], K, blocksize, mask)  # [BLOCK_K, BLOCK_N]
-        if DOT_BF16:
-            acc += tl.dot(x.to(tl.bfloat16), wt.to(tl.bfloat16))
-        else:
-            acc += tl.dot(x.to(tl.float32), wt, input_precision="ieee")
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if EVEN_K:
+        col_byte = rn.to(tl.int64) * (K // 2)  # first byte of each row of W (a column of W^T)
+        half = tl.arange(0, BLOCK_K // 2)
+        for k0 in range(0, K, BLOCK_K):
+            pairs = k0 // 2 + half
+            p_ok = pairs < K // 2
+            x_mask = m_ok[:, None] & p_ok[None, :]
+            x_even = tl.load(x_rows + 2 * pairs[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x_rows + 2 * pairs[None, :] + 1, mask=x_mask, other=0.0)
+            hi, lo = _decode_pairs(data_ptr, absmax_ptr, code_ptr, pairs[:, None] + col_byte[None, :], shift - 1,
+                                   p_ok[:, None] & n_ok[None, :])  # [BLOCK_K / 2, BLOCK_N] of W^T
+            acc = tl.dot(x_even, hi.to(x_even.dtype), acc, input_precision=PRECISION)
+            acc = tl.dot(x_odd, lo.to(x_odd.dtype), acc, input_precision=PRECISION)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
+            mask = (rk[:, None] < K) & n_ok[None, :]
+            wt = _decode_tile(data_ptr, absmax_ptr, code_ptr, rn[None, :], rk[:, None], K, shift, mask)
+            acc = tl.dot(x, wt.to(x.dtype), acc, input_precision=PRECISION)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _dot_precision() -> str:
+    # float32 x follows torch's TF32 setting for matmuls: "tf32x3" (float32 accuracy from three
+    # TF32 products) when it is off, the default. The exact "ieee" dot spilled ~15 KB per thread.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize: int, n: int, code: torch.Tensor) -> torch.Tensor:
     """float32 ``x [M, K] @ W[n, K]^T`` for the packed NF4 weight (x rows contiguous along K)."""
-    x = _kernel_input(x)
+    x = x.float() if interpreting() and x.dtype != torch.float32 else x  # the interpreter: exact widening
     m, k = x.shape
+    shift = blocksize.bit_length() - 1
     if m <= 8:
-        block_n, block_k = (16, 32) if interpreting() else (64, 128)
+        # (odd K decodes by flat index, int64 per element: a shorter step keeps it in registers)
+        block_n, block_k = (16, 32) if interpreting() else (64, 128 if k % 2 == 0 else 32)
         n_blocks = triton.cdiv(n, block_n)
         # split K until there are enough programs to fill the device
         split = 1
@@ -197,15 +258,15 @@ def matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, blocksize:
         split = triton.cdiv(k, k_per_split)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _gemv_kernel[(n_blocks, m, split)](
-            x, data, absmax, code, partial, m, n, k, blocksize, x.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
+            x, data, absmax, code, partial, m, n, k, shift, x.stride(0),
+            BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, EVEN_K=k % 2 == 0,
         )
         return partial.sum(0) if split > 1 else partial[0]
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    block = (16, 16, 32) if interpreting() else (64, 64, 64)
+    block = (16, 16, 32) if interpreting() else (64, 64, 64 if k % 2 == 0 else 32)  # odd K: int64 flat indices
     grid = (triton.cdiv(m, block[0]), triton.cdiv(n, block[1]))
     _gemm_kernel[grid](
-        x, data, absmax, code, out, m, n, k, blocksize, x.stride(0),
-        BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2], DOT_BF16=x.dtype == torch.bfloat16,
+        x, data, absmax, code, out, m, n, k, shift, x.stride(0),
+        BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_K=block[2], EVEN_K=k % 2 == 0, PRECISION=_dot_precision(),
     )
     return out

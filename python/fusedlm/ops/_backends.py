@@ -173,6 +173,19 @@ def _warn_fallback(op: str, backend: str, reason: str) -> bool:
     return True
 
 
+def _cuda_device(args) -> torch.device | None:
+    """The device of the first CUDA tensor among `args`, looking inside the op records (NamedTuples)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_cuda:
+                return a.device
+        elif isinstance(a, tuple):
+            found = _cuda_device(a)
+            if found is not None:
+                return found
+    return None
+
+
 class Dispatcher:
     """Implementations of one op, keyed by backend name.
 
@@ -233,4 +246,12 @@ class Dispatcher:
         return backend
 
     def __call__(self, backend: str, *args, **kwargs):
-        return self._impls[backend](*args, **kwargs)
+        impl = self._impls[backend]
+        if backend in ("triton", "cuda"):
+            # Triton and fusedlm._cuda launch on the current device: make it the inputs' one (a
+            # tensor on cuda:1 would otherwise be read by a kernel running on cuda:0).
+            device = _cuda_device(args)
+            if device is not None and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return impl(*args, **kwargs)
+        return impl(*args, **kwargs)

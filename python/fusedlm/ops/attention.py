@@ -61,7 +61,7 @@ class AttentionGradInputs(NamedTuple):
     grad_out: torch.Tensor  # [B, Hq, Nq, D]
     out: torch.Tensor  # the forward's output
     lse: torch.Tensor  # [B, Hq, Nq], the forward's log-sum-exp
-    bias_grad: bool  # whether to return dbias [B, Hq, Nq, Nk]
+    bias_grad: bool  # whether to return dbias (in _bias_grad_shape(bias))
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,13 +98,18 @@ def _expanded_bias(a: AttentionInputs) -> torch.Tensor | None:
     return a.bias.to(torch.float32).expand(b, hq, nq, a.k.shape[2])
 
 
+def _bias_grad_shape(bias: torch.Tensor) -> list[int]:
+    """The shape of the bias gradient the backward op returns: bias's shape as four dims, with 1
+    along every dim the bias is broadcast along (size 1, or stride 0 as in an expanded view)."""
+    pad = 4 - bias.dim()
+    return [1] * pad + [n if n > 1 and st != 0 else 1 for n, st in zip(bias.shape, bias.stride())]
+
+
 def _reduce_bias_grad(dbias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Sums the full [B, Hq, Nq, Nk] gradient over the dimensions bias was broadcast along."""
-    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    """Sums a full [B, Hq, Nq, Nk] gradient over the dims bias is broadcast along (reference, cpu)."""
+    shape = _bias_grad_shape(bias)
     dims = [i for i in range(4) if shape[i] == 1 and dbias.shape[i] != 1]
-    if dims:
-        dbias = dbias.sum(dim=dims, keepdim=True)
-    return dbias.reshape(bias.shape).to(bias.dtype)
+    return dbias.sum(dim=dims, keepdim=True) if dims else dbias
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -164,12 +169,13 @@ def _(a: AttentionInputs, backend: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward backends: (AttentionInputs, AttentionGradInputs) -> (dq, dk, dv, dbias [B, Hq, Nq, Nk] or an empty tensor)
+# Backward backends: (AttentionInputs, AttentionGradInputs) -> (dq, dk, dv, dbias in _bias_grad_shape(bias), or an
+# empty tensor when not wanted)
 # ---------------------------------------------------------------------------------------------
 @_backward.register("reference")
 def _backward_reference(a: AttentionInputs, g: AttentionGradInputs):
     dq, dk, dv, ds = ref.attention_backward(g.grad_out, out=g.out, lse=g.lse, **_reference_inputs(a))
-    return dq, dk, dv, ds if g.bias_grad else a.q.new_empty(0)
+    return dq, dk, dv, _reduce_bias_grad(ds, a.bias) if g.bias_grad else a.q.new_empty(0)
 
 
 # The CPU backward runs one task per (batch, key/value head, split of the key range); each split
@@ -192,7 +198,8 @@ def _backward_cpu(a: AttentionInputs, g: AttentionGradInputs):
     _cpu_attention("attention_backward", a, grad_out=g.grad_out.contiguous(), out=g.out.contiguous(),
                    lse=g.lse.contiguous(), dq=dq, dk=dk, dv=dv, dbias=dbias)
     dq = dq.sum(0) if splits > 1 else dq[0]
-    return dq[..., :d].to(a.q.dtype), dk.to(a.k.dtype), dv.to(a.v.dtype), dbias if g.bias_grad else a.q.new_empty(0)
+    return (dq[..., :d].to(a.q.dtype), dk.to(a.k.dtype), dv.to(a.v.dtype),
+            _reduce_bias_grad(dbias, a.bias) if g.bias_grad else a.q.new_empty(0))
 
 
 @_backward.register("triton", supports=_triton_supports)
@@ -200,13 +207,13 @@ def _backward_triton(a: AttentionInputs, g: AttentionGradInputs):
     from ..kernels import attention as kernels
 
     _no_dropout("triton", a.dropout_p)
+    # The kernel computes the bias gradient only when it is wanted, already summed over the dims
+    # the bias is broadcast along (ALiBi's [1, H, 1, Nk] never costs a [B, H, Nq, Nk] buffer).
     dq, dk, dv, dbias = kernels.backward(
         g.grad_out.contiguous(), a.q, a.k, a.v, g.out, g.lse, a.mask_mode, a.prefix_len, a.key_padding_mask,
-        _expanded_bias(a), a.scale,
+        _expanded_bias(a), a.scale, bias_grad_shape=_bias_grad_shape(a.bias) if g.bias_grad else None,
     )
-    if not g.bias_grad or dbias is None:
-        dbias = a.q.new_empty(0)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias if g.bias_grad else a.q.new_empty(0)
 
 
 @record_op("fusedlm::attention_backward", AttentionInputs, AttentionGradInputs)
@@ -218,9 +225,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(a: AttentionInputs, g: AttentionGradInputs, backend: str):
-    b, hq, nq, _ = a.q.shape
-    nk = a.k.shape[2]
-    dbias = a.q.new_empty((b, hq, nq, nk), dtype=_lse_dtype(a.q.dtype)) if g.bias_grad else a.q.new_empty(0)
+    dbias = a.q.new_empty(_bias_grad_shape(a.bias), dtype=_lse_dtype(a.q.dtype)) if g.bias_grad else a.q.new_empty(0)
     c = torch.contiguous_format
     return (torch.empty_like(a.q, memory_format=c), torch.empty_like(a.k, memory_format=c),
             torch.empty_like(a.v, memory_format=c), dbias)
@@ -236,7 +241,10 @@ def _attention_backward(ctx, grad_out, grad_lse):
     a, out, lse = saved(ctx)
     bias_grad = a.bias is not None and _attention_op.needs_grad(ctx, "bias")
     dq, dk, dv, dbias = _attention_backward_op(a, AttentionGradInputs(grad_out, out, lse, bias_grad), ctx.backend)
-    return _attention_op.grads(q=dq, k=dk, v=dv, bias=_reduce_bias_grad(dbias, a.bias) if bias_grad else None)
+    grad_bias = None
+    if bias_grad:  # [B|1, Hq|1, Nq|1, Nk|1] -> bias's shape (an expanded bias gets an expanded gradient)
+        grad_bias = dbias.to(a.bias.dtype).expand((1,) * (4 - a.bias.dim()) + tuple(a.bias.shape)).reshape(a.bias.shape)
+    return _attention_op.grads(q=dq, k=dk, v=dv, bias=grad_bias)
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)

@@ -34,6 +34,7 @@ backends are one function each: ``fusedlm._C`` and ``fusedlm._cuda`` take the sa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -149,9 +150,16 @@ class Nf4MatmulInputs(NamedTuple):
     bias: torch.Tensor | None  # [N]
 
 
+@functools.lru_cache(maxsize=None)
+def _on_device(table: str, device: torch.device) -> torch.Tensor:
+    """reference.nf4's NF4_CODE or NF4_MIDPOINTS (the one place they live) on `device`, copied
+    there once: a copy per call is a pageable host-to-device copy and a sync on every decode step."""
+    return getattr(ref, table).to(device)
+
+
 def _code(device: torch.device) -> torch.Tensor:
-    """The NF4 code table (reference.nf4: the one place it lives) on `device`."""
-    return ref.NF4_CODE.to(device)
+    """The NF4 code table on `device`."""
+    return _on_device("NF4_CODE", device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +186,7 @@ def _quantize_compiled(a: Nf4QuantizeInputs):
     w = a.w.contiguous()
     data, absmax = _empty_packed(w, a.blocksize)
     _checks.launch("nf4_quantize", "Nf4Args", w.device, w=w.view(-1), data=data.view(-1), absmax=absmax,
-                   midpoints=ref.NF4_MIDPOINTS.to(w.device), blocksize=a.blocksize)
+                   midpoints=_on_device("NF4_MIDPOINTS", w.device), blocksize=a.blocksize)
     return data, absmax
 
 
@@ -187,7 +195,7 @@ def _quantize_triton(a: Nf4QuantizeInputs):
     from ..kernels import nf4 as kernels
 
     data, absmax = _empty_packed(a.w, a.blocksize)
-    kernels.quantize(a.w.contiguous().view(-1), a.blocksize, ref.NF4_MIDPOINTS.to(a.w.device), data.view(-1), absmax)
+    kernels.quantize(a.w.contiguous().view(-1), a.blocksize, _on_device("NF4_MIDPOINTS", a.w.device), data.view(-1), absmax)
     return data, absmax
 
 
@@ -411,9 +419,7 @@ def _matmul_cuda(a: Nf4MatmulInputs):
         out = x2 @ w.T
         if a.bias is not None:
             out += a.bias.to(out.dtype)
-    else:
-        if a.data.data_ptr() % 16:
-            a = a._replace(data=a.data.clone())  # the kernel reads 16-byte words
+    else:  # (a weight not 16-byte aligned is read bytewise by the kernel, not copied)
         out = _gemv(x2, a)
     return out.view(*a.x.shape[:-1], a.shape[0])
 
