@@ -296,6 +296,20 @@ def _file_by_file(path: str):
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
+def resolve(path: str) -> str:
+    """`path`, or, when a save was killed between the two renames of the fallback swap (`path`
+    missing, the old folder beside it as ``.<name>.replaced``), that old folder, with a warning:
+    the previous version stays loadable (the next save puts it back in place)."""
+    if os.path.exists(path):
+        return path
+    replaced = _replaced(os.path.realpath(path))
+    if os.path.isdir(replaced):
+        warnings.warn(f"{path} is missing: a save was interrupted while swapping folders; reading the previous version, "
+                      f"{replaced} (the next save puts it back)", stacklevel=3)
+        return replaced
+    return path
+
+
 def marker_files(path: str) -> dict | None:
     """The files the completion marker of folder `path` lists ({relative path: {"bytes", "sha256"}}),
     None when it has no marker. ValueError naming the marker when it is unreadable."""
@@ -433,11 +447,10 @@ def read_torch(path: str, what: str = "torch.save file", *, weights_only: bool =
     _nonempty(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-            ImportError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # zip, pickle and unpickler errors of every kind: none of them names the file
+        if not isinstance(e, (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                              ImportError, UnicodeDecodeError)) and type(e).__module__ not in ("pickle", "_pickle"):
+            raise
+        text = str(e).split("WeightsUnpickler error:")[-1].strip()
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ValueError(f"{what} {path} cannot be read (truncated, corrupted or not a torch.save file): {first}") from None
-    except Exception as e:  # pickle.UnpicklingError and kin
-        if type(e).__module__ in ("pickle", "_pickle"):
-            raise ValueError(f"{what} {path} cannot be read (corrupted or not a torch.save file): {e}") from None
-        raise
