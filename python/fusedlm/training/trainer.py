@@ -12,6 +12,12 @@ by grad_accum (the gradient of the mean of the micro-batch means); the gradient 
 max_grad_norm; AdamW (weight decay on matrices only) over the trainable parameters; the LR
 schedule stepped. Under torchrun the model is wrapped for DDP or sharded with FSDP2
 (``strategy``) and each rank reads its own slice of every global batch (see data.Loader).
+
+Guards (DESIGN.md rule 8): a NaN / inf loss or gradient never reaches the weights (on_nonfinite
+"stop" raises FloatingPointError before the optimizer step, "skip" skips the step and records why);
+a step whose batches hold no labelled token (a stage reporting ``labelled_tokens``, as lm_loss
+does) is skipped and logged with loss None, not 0; checkpoints are written atomically and never
+with non-finite weights (training.checkpoint).
 """
 from __future__ import annotations
 
