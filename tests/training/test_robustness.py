@@ -2,7 +2,6 @@
 a non-finite loss or gradient never reaches the weights or a checkpoint; a batch with nothing to
 learn is reported, not counted as loss 0; a checkpoint is checked whole before anything changes;
 the command line refuses bad values with argparse errors before any work."""
-import math
 import os
 import shutil
 
@@ -81,8 +80,8 @@ def test_max_grad_norm_0_means_no_clipping_as_in_transformers():
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_finite_loss_with_nan_gradients_never_reaches_the_weights(tmp_path, mode):
-    # the loss is finite; one parameter's gradient is NaN at step 2 (a hook): the step is not applied,
-    # and no checkpoint is written with what it would have made
+    # the loss is finite; one parameter's gradient is NaN at step 5 (a hook); save_every=1: the step
+    # is not applied, and no checkpoint is written with what it would have made
     t = _trainer(str(tmp_path), save_every=1, on_nonfinite=mode)
     t.fit()  # steps 1-3, checkpoints 1-3
     p = next(p for p in t.model.parameters() if p.requires_grad)
@@ -94,21 +93,31 @@ def test_a_finite_loss_with_nan_gradients_never_reaches_the_weights(tmp_path, mo
 
     p.register_hook(poison)
     t.config.max_steps = 6
-    before = _weights(t.model)
-    t.train_step()  # step 4: fine
-    after_4 = _weights(t.model)
-    assert not _same(before, after_4)
     if mode == "stop":
         with pytest.raises(FloatingPointError, match=r"the gradient norm is nan at step 5: training stopped before the optimizer step"):
-            t.train_step()
-        assert _same(_weights(t.model), after_4) and t.step == 4
+            t.fit()
+        assert t.step == 4 and checkpoint.latest(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+        assert not (tmp_path / "checkpoint-5").exists()
     else:
         with pytest.warns(UserWarning, match="step 5 skipped: the gradient norm is nan"):
-            record = t.train_step()
-        assert record["skipped"] == "the gradient norm is nan" and record["loss"] is not None
-        assert _same(_weights(t.model), after_4) and t.step == 5
-        assert math.isfinite(t.train_step()["grad_norm"])  # training goes on
+            history = t.fit()[3:]  # steps 4-6
+        assert [r.get("skipped") for r in history] == [None, "the gradient norm is nan", None]
+        assert history[1]["loss"] is not None  # the loss itself was finite
+        weights = {}
+        for step in (4, 5):  # step 5 changed nothing: its checkpoint holds step 4's weights
+            c = _trainer(max_steps=6)
+            checkpoint.load(str(tmp_path / f"checkpoint-{step}"), c.model, c.optimizer, c.scheduler)
+            weights[step] = _weights(c.model)
+        assert _same(weights[4], weights[5])
     assert all(torch.isfinite(v).all() for v in t.model.state_dict().values())
+
+
+def test_rows_of_one_token_teach_a_causal_lm_nothing_and_say_so():
+    # a causal LM predicts the next token: rows of 1 token have none (they once "trained" to loss 0)
+    rows = [{"input_ids": r["input_ids"][:1], "labels": r["input_ids"][:1]} for r in _tiny.clm_rows(8)]
+    t = _trainer(data=rows, max_steps=1)
+    with pytest.warns(UserWarning, match="no labelled tokens"):
+        assert t.fit()[0]["loss"] is None
 
 
 def test_nan_loss_skipped_on_request():
@@ -337,6 +346,15 @@ def test_the_cli_checks_files_and_folders_before_training(tmp_path, capsys, monk
     run = _trainer(str(tmp_path / "run"))
     run.fit()
     os.remove(tmp_path / "run" / "checkpoint-3" / "fusedlm_complete.json")
+    from fusedlm.models import build, get_config
+
+    run2 = Trainer(build(get_config("llama-tiny")), lm_loss, _tiny.clm_rows(8), max_steps=3, batch_size=4, progress=False,
+                   out_dir=str(tmp_path / "run2"))
+    run2.fit()
+    weights = tmp_path / "run2" / "checkpoint-3" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x11
+    weights.write_bytes(bytes(data))
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
     cases = [
         (["clm", "--out", str(tmp_path / "file" / "sub")], "--out " + str(tmp_path / "file" / "sub") + " cannot be created"),
@@ -349,6 +367,8 @@ def test_the_cli_checks_files_and_folders_before_training(tmp_path, capsys, monk
         (["clm", "--data", str(tmp_path / "file")], "cannot be read (truncated, corrupted or not a torch.save file)"),
         (["clm", "--resume", str(tmp_path / "run" / "checkpoint-3")], "is not a complete fusedlm training checkpoint"),
         (["clm", "--resume", str(tmp_path / "run")], "is not a complete fusedlm training checkpoint"),
+        # weights inside a checkpoint folder are checked against its completion marker
+        (["generate", "--weights", str(tmp_path / "run2" / "checkpoint-3" / "model.safetensors")], "is corrupted"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
