@@ -105,6 +105,17 @@ def test_a_crash_between_the_fallback_renames_is_undone_by_the_next_save(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
+def test_saving_the_working_directory_keeps_it_usable(tmp_path, monkeypatch):
+    # save_pretrained(model, "."): the swapped-out folder is deleted, the process stays in the new one
+    d = tmp_path / "model"
+    with _io.atomic_folder(str(d)) as tmp:
+        _write(tmp, {"a": "1", "sub/b": "1"})
+    monkeypatch.chdir(d / "sub")
+    with _io.atomic_folder("..") as tmp:
+        _write(tmp, {"a": "2", "sub/b": "2"})
+    assert os.getcwd() == str(d / "sub") and open("b").read() == "2" and open("../a").read() == "2"
+
+
 def test_a_stale_partial_folder_is_replaced(tmp_path):
     d = tmp_path / "model"
     os.makedirs(_io.partial_folder(str(d)))

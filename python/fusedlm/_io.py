@@ -242,6 +242,10 @@ def commit_folder(tmp: str, path: str, *, marker: bool = False, carry_over: bool
     for folder, _, _ in os.walk(tmp):
         fsync_dir(folder)
     parent = os.path.dirname(final)
+    try:  # a process working inside the folder keeps its working directory's path, in the new folder
+        cwd = os.path.relpath(os.getcwd(), final)
+    except (OSError, ValueError):
+        cwd = os.pardir
     if not os.path.exists(final):
         os.rename(tmp, final)
     elif _exchange(tmp, final):
@@ -254,6 +258,8 @@ def commit_folder(tmp: str, path: str, *, marker: bool = False, carry_over: bool
         os.rename(tmp, final)
         shutil.rmtree(replaced)
     fsync_dir(parent)
+    if cwd != os.pardir and not cwd.startswith(os.pardir + os.sep):
+        os.chdir(os.path.join(final, cwd) if os.path.isdir(os.path.join(final, cwd)) else final)
 
 
 @contextlib.contextmanager
