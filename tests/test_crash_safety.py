@@ -162,7 +162,10 @@ def test_adapter_save_killed_midway_leaves_the_previous_adapter(tmp_path, crash)
     result = _child(tmp_path, "save_adapter", crash, folder)
     assert result.returncode == 9, result.stderr[-3000:]
     ids = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(0))
-    loaded = peft_files.load_adapter(crash_children.base(), str(folder))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft_files.load_adapter(crash_children.base(), str(folder))
+    assert bool(caught) == (crash == "fallback:mid")  # read from .adapter.replaced, with a warning
     torch.testing.assert_close(loaded(ids).logits, crash_children.adapted(0)(ids).logits, rtol=0, atol=0)
 
 
