@@ -178,13 +178,16 @@ def test_nan_rows_are_nan_on_every_backend(cpu_isa, case, dtype):
     want = ref.attention(q, k, v, ref.CAUSAL, None, None, bias, 16 ** -0.5)
     rows = want.isnan().any(-1)
     assert rows.any() and not rows.all()
-    backends = ["cpu"] + (["triton"] if dtype == torch.float32 and "triton" in ops.available_backends() else [])
+    backends = [("cpu", "cpu")]
+    if dtype == torch.float32 and "triton" in ops.available_backends():
+        backends.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))  # compiled on a GPU, else interpreted
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2 if nk >= 1500 else 1)  # two threads split the 1500 keys into chunks
-        for backend in backends:
+        for backend, device in backends:
+            args = [t.to(device) for t in (q, k, v)]
             with ops.use_backend(backend):
-                out = ops.attention(q, k, v, bias=bias)
+                out = ops.attention(*args, bias=None if bias is None else bias.to(device)).cpu()
             assert torch.equal(out.isnan(), want.isnan()), backend  # the same entries are NaN
             (atol, rtol), _ = TOL[dtype]
             torch.testing.assert_close(out[~rows], want[~rows], atol=atol, rtol=rtol)
