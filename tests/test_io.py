@@ -259,3 +259,25 @@ def test_check_writable_folder(tmp_path):
             _io.check_writable_folder(str(tmp_path / "file" / "sub"))
     finally:
         ro.chmod(0o700)
+
+
+def test_a_folder_whose_parent_is_not_writable_is_replaced_file_by_file(tmp_path, monkeypatch):
+    # no sibling folder can be made (a read-only parent): each file is still replaced atomically, with a warning
+    d = tmp_path / "model"
+    with _io.atomic_folder(str(d)) as tmp:
+        _write(tmp, {"a": "1", "b": "1"})
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(_io, "begin_folder", refuse)
+    with pytest.warns(UserWarning, match="replaced one by one, not together"):
+        with _io.atomic_folder(str(d)) as tmp:
+            _write(tmp, {"a": "2"})
+    assert _tree(d) == {"a": b"2", "b": b"1"}
+    with pytest.raises(RuntimeError):
+        with pytest.warns(UserWarning):
+            with _io.atomic_folder(str(d)) as tmp:
+                _write(tmp, {"a": "3"})
+                raise RuntimeError("crash")
+    assert _tree(d) == {"a": b"2", "b": b"1"}
