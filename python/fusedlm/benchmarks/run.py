@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .. import _io
+from .. import _io, _validate
 from . import _harness
 
 # suite name -> module in this package exposing run(full: bool) -> list[Row]
@@ -56,9 +56,10 @@ def _threads(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    try:
+        return _validate.integer("value", value, low=1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,36 +7,34 @@ tokens; without it, a synthetic task (rows counting up by a random step) to try 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 import torch
 
+from .. import _validate as check
 from . import Trainer, checkpoint, distributed, lm_loss
 
 
-def _int(low: int):
-    """An argparse type: an int >= low."""
-    def parse(text: str) -> int:
+def _arg(parse, check_value, kind: str):
+    """An argparse type: `parse` the text, then check the value with fusedlm._validate."""
+    def convert(text: str):
         try:
-            value = int(text)
+            value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return check_value(value)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+    return convert
 
 
-def _lr(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _int(low: int):
+    return _arg(int, lambda v: check.integer("value", v, low=low), "an integer")
+
+
+_lr = _arg(float, lambda v: check.number("value", v, low=0, low_open=True), "a number")
 
 
 def _existing(kind: str):
