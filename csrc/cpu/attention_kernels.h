@@ -119,10 +119,30 @@ void mm(int64_t M, const typename Op::T* A, int64_t lda, const typename Op::T* B
 
 // ---- rows of the softmax --------------------------------------------------------------------
 
+// The max of x[0, n), NaN when one of them is NaN (the vector max drops NaN operands).
 float row_max(const float* x, int64_t n) {
-  Vec m(kNegInf);
-  for_chunks(n, [&](int64_t j, auto c) { m = max(m, select(live(c), load(x + j, c), Vec(kNegInf))); });
-  return m.reduce_max();
+  Vec m(kNegInf), nan = Vec::zero();
+  for_chunks(n, [&](int64_t j, auto c) {
+    const Vec x_j = select(live(c), load(x + j, c), Vec(kNegInf));
+    m = max(m, x_j);
+    nan = select(x_j != x_j, Vec(1.0f), nan);
+  });
+  return nan.reduce_max() > 0.0f ? std::numeric_limits<float>::quiet_NaN() : m.reduce_max();
+}
+
+// NaN semantics (ops.attention's docstring, as the reference computes them): a row with a NaN
+// or +inf score (q, or the k or bias of a key it sees) gets a NaN output and lse, never zeros.
+// The running max (base 2) is NaN from such a score on; exp2(m - NaN) then makes l and O NaN.
+float running_max(float m, float row) {
+  if (std::isnan(m) || std::isnan(row) || row == std::numeric_limits<float>::infinity())
+    return std::numeric_limits<float>::quiet_NaN();
+  return std::max(m, row);
+}
+
+// The log-sum-exp of a row from its max m (base 2) and sum l: -inf for a row that saw nothing, NaN for a NaN row.
+float row_lse(float m, float l) {
+  if (std::isnan(l)) return std::numeric_limits<float>::quiet_NaN();
+  return l > 0.0f ? m * kLn2 + std::log(l) : kNegInf;
 }
 
 // x[j] = exp2(x[j] a2 - m2) for j < n, 0 for n <= j < n_total; returns the sum. Masked: x may
@@ -339,7 +359,7 @@ void forward_tile(const Problem& p, uint64_t call, int64_t b, int64_t h, int64_t
       const int64_t cols = cols_of(r), cols_block = round_up(cols_of(std::min(rows, (r / kMR + 1) * kMR) - 1), W);
       float a2 = p.scale * kLog2e;
       if (!full || p.bias != nullptr || p.scale <= 0.0f) a2 = prepare_row(p, s, b, h, i0 + r, j0, cols, padding == Cover::Partial);
-      const float m_new = std::max(w.m[r], row_max(s, cols) * a2);
+      const float m_new = running_max(w.m[r], row_max(s, cols) * a2);
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // a row that has seen nothing yet
       const bool masked = !full || p.bias != nullptr;
       const float sum = NativeBf16 ? (masked ? exp_row<true, 3>(s, cols, cols_block, a2, m_use) : exp_row<false, 3>(s, cols, cols_block, a2, m_use))
@@ -371,7 +391,7 @@ void forward_tile(const Problem& p, uint64_t call, int64_t b, int64_t h, int64_t
     const int64_t row = (b * p.Hq + h) * p.Nq + i0 + r;
     const float l = w.l[r];
     store_row(w.o.data() + r * dv, l > 0.0f ? 1.0f / l : 0.0f, D, static_cast<char*>(a.out.data) + row * D * es, p.dtype);
-    a.lse.ptr<float>()[row] = l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
+    a.lse.ptr<float>()[row] = row_lse(w.m[r], l);
   }
 }
 
@@ -494,7 +514,7 @@ void decode_key_range(const Problem& p, int64_t b, int64_t hk, int64_t j_begin, 
       const int64_t cols = full ? n : std::clamp<int64_t>(p.row_limit(b, i) - j0, 0, n);
       float a2 = p.scale * kLog2e;
       if (!full || p.bias != nullptr || p.scale <= 0.0f) a2 = prepare_row(p, s, b, h, i, j0, cols, padding == Cover::Partial);
-      const float m_new = std::max(w.m[r], row_max(s, cols) * a2);
+      const float m_new = running_max(w.m[r], row_max(s, cols) * a2);
       const float m_use = m_new == kNegInf ? 0.0f : m_new;
       const float sum = exp_row<true, 4>(s, cols, kBK, a2, m_use);
       const float alpha = std::exp2(w.m[r] - m_use);
@@ -516,7 +536,7 @@ void decode_store_row(const Problem& p, const AttentionArgs& a, int64_t b, int64
   const int64_t h = hk * p.group() + r / p.Nq, i = r % p.Nq;
   const int64_t row = (b * p.Hq + h) * p.Nq + i;
   store_row(o, l > 0.0f ? 1.0f / l : 0.0f, p.D, static_cast<char*>(a.out.data) + row * p.D * p.esize(), p.dtype);
-  a.lse.ptr<float>()[row] = l > 0.0f ? m * kLn2 + std::log(l) : kNegInf;
+  a.lse.ptr<float>()[row] = row_lse(m, l);
 }
 
 void decode_forward(const Problem& p, const AttentionArgs& a) {
@@ -564,7 +584,7 @@ void decode_forward(const Problem& p, const AttentionArgs& a) {
     for (int64_t r = 0; r < R; ++r) {
       auto part = [&](int64_t c) { return partial.data() + ((head * chunks + c) * R + r) * stride; };
       float M = kNegInf;
-      for (int64_t c = 0; c < chunks; ++c) M = std::max(M, part(c)[dv]);
+      for (int64_t c = 0; c < chunks; ++c) M = running_max(M, part(c)[dv]);
       std::fill(o.begin(), o.end(), 0.0f);
       float l = 0.0f;
       if (M != kNegInf) {

@@ -62,3 +62,57 @@ def test_isa_flag_caps_fusedlm_and_torch_in_a_fresh_process():
     code = "from fusedlm.benchmarks import _harness; i = _harness.machine_info(); print(i['fusedlm_isa'], i['torch_cpu_capability'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] in ("scalar", "avx2") and out[1] in ("DEFAULT", "AVX2")  # capped, or this CPU has less
+
+
+# ---- bad arguments fail at once, before any suite runs --------------------------------------------
+def _no_suite(monkeypatch):
+    toy = types.ModuleType("fusedlm.benchmarks.bench_toy")
+
+    def never(full):
+        raise AssertionError("a suite ran")
+
+    toy.run = never
+    monkeypatch.setitem(sys.modules, "fusedlm.benchmarks.bench_toy", toy)
+    monkeypatch.setitem(run.SUITES, "toy", "bench_toy")
+
+
+def test_bad_arguments_fail_before_any_suite(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    _no_suite(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
+        (["--suite", "nosuch"], "argument --suite: invalid choice: 'nosuch'"),
+        (["--isa", "sse"], "argument --isa: invalid choice"),
+        # an unwritable --out used to fail after every suite ran (a --full run lost everything)
+        (["--suite", "toy", "--full", "--out", str(tmp_path / "file" / "out")], f"--out {tmp_path / 'file' / 'out'} cannot be created"),
+        (["--suite", "toy", "--out", str(tmp_path / "file")], "exists and is not a folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            run.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    # a crash while results.json is written (here: the final rename fails) leaves the previous one whole
+    import pytest
+
+    from fusedlm import _io
+
+    _harness.write_results(_rows(), str(tmp_path))
+    before = (tmp_path / "results.json").read_text()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_io.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _harness.write_results(_rows()[:1], str(tmp_path))
+    monkeypatch.undo()
+    assert (tmp_path / "results.json").read_text() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind

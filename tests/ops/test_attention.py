@@ -145,6 +145,66 @@ def test_cpu_fully_masked_rows_are_zero_with_zero_grads(cpu_isa):
     _check_backend("cpu", q, k, v, mask="causal", key_padding_mask=pad, bias=bias)
 
 
+NAN_CASES = [  # (where the NaN goes, Nq, Nk): the tiled path, the decode path, decode split into key chunks
+    (where, nq, nk) for where in ("q", "q-inf", "k-visible", "k-hidden", "v-visible", "bias") for nq, nk in ((5, 7), (1, 300))
+] + [("q", 4, 1500), ("k-visible", 4, 1500)]
+
+
+def _nan_inputs(where, nq, nk, dtype):
+    q, k, v = _inputs(1, 4, 2, nq, nk, 16, dtype=dtype)
+    bias = torch.zeros(1, 4, nq, nk) if where == "bias" else None
+    i = nq // 2
+    if where in ("q", "q-inf"):
+        q[0, 1, i, 3] = float("nan") if where == "q" else float("inf")
+    elif where == "k-visible":
+        k[0, 0, 1, 0] = float("nan")  # key 1: seen by every query (causal, Nk >= Nq)
+    elif where == "k-hidden":
+        k[0, 0, nk - 1, 0] = float("nan")  # the last key: seen by the last query only
+    elif where == "v-visible":
+        v[0, 1, 1, 5] = float("nan")
+    else:
+        bias[0, 2, i, 1] = float("nan")
+    return q, k, v, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", NAN_CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_nan_rows_are_nan_on_every_backend(cpu_isa, case, dtype):
+    # DESIGN.md rule 3 and ops.attention's docstring: a NaN (or a +inf score) in what a row sees makes
+    # that row NaN (a NaN in v: the entries it reaches), never zeros; the other rows are untouched.
+    # The reference defines it.
+    where, nq, nk = case
+    q, k, v, bias = _nan_inputs(where, nq, nk, dtype)
+    want = ref.attention(q, k, v, ref.CAUSAL, None, None, bias, 16 ** -0.5)
+    rows = want.isnan().any(-1)
+    assert rows.any() and not rows.all()
+    backends = [("cpu", "cpu")]
+    if dtype == torch.float32 and "triton" in ops.available_backends():
+        if torch.cuda.is_available():
+            backends.append(("triton", "cuda"))  # the compiled kernel
+        elif cpu_isa == _backends.cpu_isa_levels()[-1] and nk < 1500:
+            backends.append(("triton", "cpu"))  # interpreted (slow): once, not per SIMD level of the cpu kernels
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if nk >= 1500 else 1)  # two threads split the 1500 keys into chunks
+        for backend, device in backends:
+            args = [t.to(device) for t in (q, k, v)]
+            with ops.use_backend(backend):
+                out = ops.attention(*args, bias=None if bias is None else bias.to(device)).cpu()
+            assert torch.equal(out.isnan(), want.isnan()), backend  # the same entries are NaN
+            (atol, rtol), _ = TOL[dtype]
+            torch.testing.assert_close(out[~rows], want[~rows], atol=atol, rtol=rtol)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_nan_row_lse_is_nan():
+    q, k, v, _ = _nan_inputs("q", 5, 7, torch.float32)
+    out, lse = _cpu_out_lse(q, k, v, ref.CAUSAL, None, None, None)
+    want_out, want_lse = ref.attention_lse(q, k, v, ref.CAUSAL, None, None, None, 16 ** -0.5)
+    assert torch.equal(lse.isnan(), want_lse.isnan()) and lse.isnan().any()
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.7, 2.5])
 def test_cpu_any_scale(cpu_isa, scale):
     q, k, v = _inputs(1, 2, 2, 9, 140, 16)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,8 @@ import time
 from typing import Callable, Iterator
 
 import torch
+
+from .. import _io
 
 
 @dataclasses.dataclass
@@ -149,8 +150,7 @@ def write_results(rows: list[Row], out_dir: str, name: str = "results") -> tuple
     os.makedirs(out_dir, exist_ok=True)
     info = machine_info()
     json_path = os.path.join(out_dir, f"{name}.json")
-    with open(json_path, "w") as f:
-        json.dump({"machine": info, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    _io.write_json(json_path, {"machine": info, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)  # atomically
     return json_path, _chart(rows, info, os.path.join(out_dir, f"{name}.png"))
 
 
@@ -193,6 +193,7 @@ def _chart(rows: list[Row], info: dict, path: str) -> str | None:
                  f"fusedlm kernels {info['fusedlm_isa']}{capped}, torch kernels {info['torch_cpu_capability']}", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # long case labels stay inside the image
+    with _io.atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")  # long case labels stay inside the image
     plt.close(fig)
     return path

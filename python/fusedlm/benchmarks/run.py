@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .. import _io, _validate
 from . import _harness
 
 # suite name -> module in this package exposing run(full: bool) -> list[Row]
@@ -50,16 +51,31 @@ def _capped_environment(isa: str) -> dict[str, str] | None:
     return {**os.environ, **wanted}
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
+        return _validate.integer("value", value, low=1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusedlm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="run the whole grid (slow) instead of the quick set")
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="run only this suite (repeatable)")
     parser.add_argument("--out", default="bench-results", help="folder for results.json and results.png (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch/fusedlm threads (default: torch's default)")
+    parser.add_argument("--threads", type=_threads, default=None, help="torch/fusedlm threads (default: torch's default)")
     parser.add_argument("--isa", choices=sorted(ISA_CAPS), default=None,
                         help="cap the SIMD level of fusedlm's kernels and of torch's (a fresh process is started)")
     parser.add_argument("--gpu", action="store_true", help="the GPU suites instead (python -m fusedlm.benchmarks.gpu_run)")
     args = parser.parse_args(argv)
+    try:  # before any suite runs: a --full run must not end in an unwritable folder
+        _io.check_writable_folder(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
     if args.gpu:
         from . import gpu_run
 

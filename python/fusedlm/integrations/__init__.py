@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-from typing import Callable
+import sys
 
 import torch
 
@@ -32,16 +32,22 @@ def __getattr__(name: str):  # fusedlm.integrations.transformers etc. without im
 
 @dataclasses.dataclass
 class Report:
-    """What :func:`apply` did: ``patched`` and ``left_alone`` hold (module name, what / why) pairs."""
+    """What :func:`apply` did: ``patched`` and ``left_alone`` hold (module name, what / why) pairs.
+
+    The steps that undo the patches are kept as data, (function, the objects it restores), not as
+    closures: ``copy.deepcopy`` of a patched model copies its report with them, pointing at the
+    copy's modules, so undoing the copy restores the copy and leaves the original patched (trl
+    deep-copies a model for its reference model)."""
 
     patched: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     left_alone: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    _undo: list[Callable[[], None]] = dataclasses.field(default_factory=list, repr=False)
+    _undo: list[tuple] = dataclasses.field(default_factory=list, repr=False)
 
     def undo(self) -> None:
         """Restores every patched module and setting (most recent first); a second call does nothing."""
         while self._undo:
-            self._undo.pop()()
+            step, *objects = self._undo.pop()
+            step(*objects)
 
     def __str__(self) -> str:
         counts: dict[str, int] = {}
@@ -70,9 +76,24 @@ def _hf_model(model: torch.nn.Module):
     return model if isinstance(model, PreTrainedModel) else None
 
 
+def _uses_attention_interface(hf) -> bool:
+    """True when some module of `hf` is defined in a transformers modeling file that dispatches
+    through the attention interface (ALL_ATTENTION_FUNCTIONS); models written before it (XLNet,
+    BLOOM, ...) compute attention their own way, whatever attn_implementation says."""
+    return any(hasattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS") for m in hf.modules())
+
+
+def _set_attention(hf, name: str) -> None:
+    hf.set_attn_implementation(name)
+
+
 def _patch_attention(hf, report: Report) -> None:
     from . import transformers as attention
 
+    if not _uses_attention_interface(hf):
+        report.left_alone.append(("attention", f"{type(hf).__name__} does not compute attention through transformers' "
+                                               "attention interface: attn_implementation cannot switch it to ops.attention"))
+        return
     attention.register()
     previous = hf.config._attn_implementation
     try:
@@ -81,7 +102,7 @@ def _patch_attention(hf, report: Report) -> None:
         report.left_alone.append(("attention", f"set_attn_implementation('fusedlm') failed: {e}"))
         return
     report.patched.append(("attention", f"attn_implementation 'fusedlm' (was {previous!r})"))
-    report._undo.append(lambda: hf.set_attn_implementation(previous))
+    report._undo.append((_set_attention, hf, previous))
 
 
 def _patch_modules(model: torch.nn.Module, report: Report, *, with_lora: bool, with_nf4: bool) -> None:
@@ -113,14 +134,16 @@ def _patch_modules(model: torch.nn.Module, report: Report, *, with_lora: bool, w
             continue
         patcher.patch(module)
         report.patched.append((name, what))
-        report._undo.append(lambda m=module, u=patcher.unpatch: u(m))
+        report._undo.append((patcher.unpatch, module))
 
 
 def apply(model: torch.nn.Module, *, attention: bool = True, lora: bool = True, nf4: bool = True,
           sampling: bool = True) -> Report:
     """Patches `model` in place to run on fusedlm's kernels; returns the :class:`Report` (also kept on
     the model for :func:`undo`). The flags turn off one kind of patch each. Raises ValueError on a
-    model that is already patched."""
+    model that is already patched. A model whose attention does not go through transformers'
+    attention interface is reported as left alone, not as patched. A deep copy of a patched model
+    is patched the same way, and :func:`undo` acts on the model it is given (original or copy)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "_fusedlm_report", None) is not None:
@@ -137,9 +160,9 @@ def apply(model: torch.nn.Module, *, attention: bool = True, lora: bool = True, 
 
         sampling.patch(hf)
         report.patched.append(("generate", "sampling -> ops.sample"))
-        report._undo.append(lambda: sampling.unpatch(hf))
+        report._undo.append((sampling.unpatch, hf))
     model._fusedlm_report = report
-    report._undo.insert(0, lambda: delattr(model, "_fusedlm_report"))
+    report._undo.insert(0, (delattr, model, "_fusedlm_report"))
     return report
 
 

@@ -30,17 +30,20 @@ are errors naming the field; unknown fields are errors when set.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import torch
 from torch import nn
 
-from ..models import Seq2SeqLM
+from .. import _io
+from .. import _validate as check
+from ..models import DecoderLM, EncoderLM, Seq2SeqLM
+from ..nn import NF4Linear
 from ..peft import lora as lora_mod
-from ..peft.prompts import PrefixEncoder, PromptEmbedding, PromptEncoder, PromptModel, wrap
 from ..peft import routing
+from ..peft.methods import methods as peft_methods
+from ..peft.prompts import METHODS as _PROMPT_METHODS, PrefixEncoder, PromptEmbedding, PromptEncoder, PromptModel, bind, wrap
 from ..peft.targets import set_module, target_of
 from . import hf
 
@@ -88,27 +91,47 @@ def module_map(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
 
 
 def _read_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = _io.resolve(path)
     config = hf.read_json(os.path.join(path, CONFIG_NAME), note=" (not a peft adapter directory)")
     tensors = hf.read_tensors(path, WEIGHTS_NAME, BIN_NAME, note="")
     return config, tensors
 
 
-def _check_fields(config: dict, known: set[str]) -> None:
-    """Errors naming the fields fusedlm cannot honour."""
+# init_lora_weights values whose adapter runs on the base weights as they are; the others (pissa,
+# olora, corda, loftq, lora_ga, astra, ...) change the base weights when the adapter is created, so
+# their files are only right on the modified base peft saved with them (unless converted with
+# peft's path_initial_model_for_weight_conversion, which writes init_lora_weights=True).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora")
+
+
+def _check_fields(config: dict, known: set[str], path: str) -> None:
+    """Errors naming the fields fusedlm cannot honour (and the file)."""
     bad = []
     if config.get("use_dora"):
-        bad.append("use_dora=True (DoRA)")
+        bad.append("use_dora=True (DoRA: a magnitude vector changes the forward)")
     if config.get("bias", "none") != "none":
         bad.append(f"bias={config['bias']!r} (only 'none')")
-    if config.get("init_lora_weights") == "mica":
-        bad.append("init_lora_weights='mica' (a LoRA variant)")
+    init = config.get("init_lora_weights", True)
+    if config.get("peft_type") == "LORA" and init not in _PLAIN_INITS:
+        bad.append(f"init_lora_weights={init!r} (this initialisation changes the base weights: the adapter only fits the "
+                   "modified base peft saved with it; convert it with peft's path_initial_model_for_weight_conversion)")
     if config.get("modules_to_save"):
         bad.append(f"modules_to_save={config['modules_to_save']} (full copies of base modules)")
     for key, value in config.items():
         if key not in known and key not in ("use_dora", "modules_to_save") and value not in (None, False, {}, [], "", 0):
-            bad.append(f"{key}={value!r}")
+            bad.append(f"{key}={value!r} (a field fusedlm does not know)")
     if bad:
-        raise ValueError(f"unsupported peft config field(s): {'; '.join(bad)}")
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: unsupported peft config field(s): {'; '.join(bad)}")
+
+
+def _int_field(config: dict, key: str, path: str, default=None, low: int = 1) -> int:
+    value = config.get(key, default)
+    if value is None:
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)} lacks the field {key!r}")
+    try:
+        return check.integer(key, value, low=low)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -124,22 +147,36 @@ def _pattern_value(patterns: dict, module: str, default):
 # ---------------------------------------------------------------------------------------------
 def load_adapter(model: nn.Module, path: str, name: str = "default") -> nn.Module:
     """Reads the peft adapter directory `path` onto `model` (a fusedlm model loaded from the same
-    Hugging Face checkpoint) and returns the model to use: the same model with LoRA adapter `name`
-    added (in place, as peft.apply_lora), or a PromptModel for prompt / prefix / P-tuning files.
+    Hugging Face checkpoint) and returns the model to use.
 
-    Raises ValueError naming the key for a file of another architecture or shape, and naming the
-    field for a config fusedlm does not support."""
+    One contract for every method: **use the model this returns**, and `model` itself never stays a
+    plain base model that silently ignores the adapter. LoRA adds adapter `name` to `model` in place
+    (as ``peft.apply_lora``) and returns `model`; prompt tuning, P-tuning and prefix tuning return a
+    ``PromptModel`` around `model`, and `model` run on its own then raises (ValueError) instead of
+    dropping the virtual tokens (``with fusedlm.peft.disable(prompt_model):`` runs the base).
+
+    The whole folder is read and checked before `model` changes (nothing is half-applied). Errors
+    name the file: a missing, empty, truncated or corrupted config or weights file, a tensor holding
+    NaN / inf, a key of another architecture or shape, a config field fusedlm cannot honour
+    (DoRA, an initialisation that changes the base weights such as PiSSA / OLoRA / LoftQ, a
+    rank_pattern the shapes contradict, an unknown field that is set)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"name must be a non-empty string without dots, got {name!r}")
     config, tensors = _read_dir(path)
     peft_type = config.get("peft_type")
     if peft_type not in _PEFT_TYPES:
-        raise ValueError(f"peft_type {peft_type!r} in {path} is not supported; supported: {', '.join(_PEFT_TYPES)}")
-    if _PEFT_TYPES[peft_type] == "lora":
-        _check_fields(config, _LORA_FIELDS)
-        return _load_lora(model, config, tensors, name)
-    _check_fields(config, _PROMPT_FIELDS)
-    if isinstance(model, PromptModel):
-        raise ValueError("this model already carries virtual tokens (a PromptModel): load prompt-learning files onto the base model")
-    return _load_prompt(model, config, tensors, _PEFT_TYPES[peft_type])
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: peft_type {peft_type!r} is not supported; supported: "
+                         f"{', '.join(_PEFT_TYPES)}")
+    try:
+        if _PEFT_TYPES[peft_type] == "lora":
+            _check_fields(config, _LORA_FIELDS, path)
+            return _load_lora(model, config, tensors, name, path)
+        _check_fields(config, _PROMPT_FIELDS, path)
+        if isinstance(model, PromptModel):
+            raise ValueError("this model already carries virtual tokens (a PromptModel): load prompt-learning files onto the base model")
+        return bind(_load_prompt(model, config, tensors, _PEFT_TYPES[peft_type], path))
+    except ValueError as e:
+        raise ValueError(e.args[0] if path in str(e) else f"adapter {path}: {e}") from None
 
 
 def _group_lora(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -164,8 +201,13 @@ def _layer(model: nn.Module, path: str, state) -> lora_mod.LoraLinear:
     return module
 
 
-def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.Module:
-    lora_mod.check_hparams(int(config.get("r", 8)), float(config.get("lora_alpha", 8)), float(config.get("lora_dropout", 0.0)), name)
+def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str, path: str) -> nn.Module:
+    try:  # under the config's own names
+        check.positive_int("r", config.get("r", 8))
+        check.number("lora_alpha", config.get("lora_alpha", 8), low=0, low_open=True)
+        check.probability("lora_dropout", config.get("lora_dropout", 0.0), high_open=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
     inner = _inner(model)
     mapping = module_map(inner)
     groups = _group_lora(tensors)
@@ -180,10 +222,14 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
         a, b = pair["A"].float(), pair["B"].float()
         slices = sorted(mapping[module], key=lambda s: s[1])
         layers = [inner.get_submodule(p) for p, _, _ in slices]
+        for (p, _, _), layer in zip(slices, layers):
+            if not isinstance(layer, (lora_mod.LoraLinear, nn.Linear, NF4Linear)):
+                raise ValueError(f"fusedlm's {p} is a {type(layer).__name__}: a LoRA adapter goes on a linear layer "
+                                 "(load it onto the model before other PEFT methods)")
         k = layers[0].in_features
         outs = [m.out_features for m in layers]
         r = a.shape[0]
-        if a.dim() != 2 or tuple(a.shape) != (r, k):
+        if a.dim() != 2 or r == 0 or tuple(a.shape) != (r, k):
             raise ValueError(f"adapter key {key!r} has shape {list(a.shape)} but fusedlm's {slices[0][0]} takes K={k} inputs "
                              f"(expected [r, {k}])")
         if b.dim() != 2 or tuple(b.shape) != (sum(outs), r):
@@ -222,14 +268,16 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict, name: str) -> nn.M
     return model
 
 
-def _load_prompt(model: nn.Module, config: dict, tensors: dict, method: str) -> PromptModel:
+def _load_prompt(model: nn.Module, config: dict, tensors: dict, method: str, path: str) -> PromptModel:
+    if not isinstance(model, (DecoderLM, EncoderLM, Seq2SeqLM)):
+        raise TypeError(f"model must be a fusedlm DecoderLM or Seq2SeqLM, got {type(model).__name__}")
     cfg = model.config
     if cfg.arch == "encoder":
         raise ValueError("peft prompt-learning files are read for decoder and encoder-decoder models only")
     if set(tensors) != {"prompt_embeddings"}:
         raise ValueError(f"a {config['peft_type']} file holds one tensor 'prompt_embeddings', got keys {sorted(tensors)[:5]}")
     table = tensors["prompt_embeddings"].float()
-    n = int(config["num_virtual_tokens"])
+    n = _int_field(config, "num_virtual_tokens", path)
     n_sub = 2 if isinstance(model, Seq2SeqLM) else 1
     if config.get("num_transformer_submodules", n_sub) != n_sub:
         raise ValueError(f"num_transformer_submodules={config['num_transformer_submodules']} does not fit this {type(model).__name__} "
@@ -257,21 +305,40 @@ def _load_prompt(model: nn.Module, config: dict, tensors: dict, method: str) -> 
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path: str, name: str = "default") -> None:
-    """Writes adapter `name` of `model` (LoRA), or the virtual tokens of a PromptModel, as a peft
-    adapter directory that ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads onto the
-    transformers model of the same checkpoint."""
-    if isinstance(model, PromptModel) and not lora_mod.lora_layers(model):
-        config, tensors = _prompt_files(model)
-    else:
+def save_adapter(model: nn.Module, path: str, name: str = "default", *, method: str | None = None) -> None:
+    """Writes one adapter of `model` as a peft adapter directory that
+    ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads onto the transformers model of
+    the same checkpoint: LoRA adapter `name`, or the virtual tokens of a PromptModel.
+
+    A peft folder holds one method. A model that carries several (virtual tokens and LoRA, or a
+    method peft files cannot hold: AdaPtLoRA, bottleneck adapters) is refused unless `method`
+    ("lora", or the PromptModel's "prompt_tuning" / "p_tuning" / "prefix_tuning") says which one to
+    write, so nothing is dropped without a word. The folder's files are replaced together (a crash
+    mid-save leaves the previous adapter whole); weights holding NaN / inf are refused."""
+    carried = peft_methods(model)
+    writable = [m for m in carried if m == "lora" or m in _PEFT_TYPES.values()]
+    if method is None:
+        if len(carried) != 1 or not writable:
+            raise ValueError(f"this model carries PEFT method(s) {carried}; a peft adapter folder holds one method of "
+                             f"{['lora', *_PROMPT_METHODS]}: pass method= to write one of {writable or 'them'} "
+                             "(the others need their own files)" if carried else
+                             "this model carries no PEFT method (nothing to save): apply or load an adapter first")
+        method = writable[0]
+    elif method not in writable:
+        raise ValueError(f"method must be one of the methods of this model a peft folder can hold, {writable}, got {method!r}")
+    if method == "lora":
         config, tensors = _lora_files(model, name)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
+    else:
+        config, tensors = _prompt_files(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"adapter tensor {key} holds NaN or inf values: not writing it to {path}")
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    with _io.atomic_folder(path) as tmp:
+        _io.write_json(os.path.join(tmp, CONFIG_NAME), config)
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _lora_files(model: nn.Module, name: str) -> tuple[dict, dict]:

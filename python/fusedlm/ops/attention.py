@@ -314,7 +314,10 @@ def attention(
 
     Returns ``[B, Hq, Nq, D]`` in q's dtype. Accumulation is float32 for bfloat16/float16. A query
     row that sees no key (or whose visible scores are all -inf) returns zeros and zero gradients,
-    with or without dropout.
+    with or without dropout. NaN in, NaN out, the same on every backend: a row whose q, or the k or
+    bias of a key it sees, holds a NaN (or whose score is +inf) is NaN in every entry, never zeros;
+    a NaN in the v of a key it sees makes the entries it reaches NaN; other rows are unaffected
+    (details: :mod:`fusedlm.reference.attention`).
     """
     _checks.tensor("q", q, dtypes=_ATTENTION_DTYPES, ndim=4)
     _checks.tensor("k", k, dtypes=_ATTENTION_DTYPES, ndim=4)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,7 @@ class LoraLinear(nn.Module):
 
     def set_weights(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0) -> None:
         """Sets adapter `name` to A ``[r, K]``, B ``[N, r]``, scale `scaling` (loading a file)."""
+        scaling = check.number("scaling", scaling)
         lin_a, lin_b = self._new(name, a.shape[0])
         with torch.no_grad():
             lin_a.weight.copy_(a)
@@ -310,10 +312,17 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Makes `name` the active adapter; its weights become trainable and the others' frozen (peft's rule)."""
+    """Makes `name` the active adapter; its weights become trainable and the others' frozen (peft's
+    rule). On a model with merged adapters it unmerges them first, with a warning, as peft does:
+    otherwise the merged adapter would keep running under the new one."""
     state = _require(model)
     if name not in state.adapters:
         raise ValueError(f"no adapter named {name!r}; adapters: {list(state.adapters)}")
+    merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
+    if merged:
+        warnings.warn(f"adapter(s) {merged} are merged into the base weights: unmerging them before activating {name!r}",
+                      stacklevel=2)
+        unmerge(model)
     state.active = name
     for _, layer in lora_layers(model):
         for n in layer.lora_A:

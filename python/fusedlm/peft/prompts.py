@@ -36,6 +36,7 @@ Linear(Hkv·D, h)-Tanh-Linear(h, L·2·Hkv·D). GQA-aware: prefixes have Hkv hea
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 
@@ -190,6 +191,13 @@ class PromptModel(nn.Module):
         return x, _cat_padding(attention_mask, b, n, self.n_virtual_tokens, x.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> ModelOutput:
+        token = _INSIDE.set(True)  # the wrapped model may run (see bind)
+        try:
+            return self._forward(input_ids, **kwargs)
+        finally:
+            _INSIDE.reset(token)
+
+    def _forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> ModelOutput:
         if self.peft_disabled:
             return self.model(input_ids, **kwargs)
         if self.seq2seq:
@@ -255,6 +263,27 @@ class PromptModel(nn.Module):
         return generate(self, input_ids, **kwargs)
 
 
+_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("fusedlm_prompt_model_running", default=False)
+
+
+def _refuse_alone(module: nn.Module, args, kwargs):
+    if not _INSIDE.get():
+        raise ValueError(f"this {type(module).__name__} carries virtual tokens that fusedlm.interop.peft.load_adapter loaded: "
+                         "run the PromptModel load_adapter returned (running the model alone would silently drop them); "
+                         "for the base model use `with fusedlm.peft.disable(prompt_model):`")
+
+
+def bind(pm: PromptModel) -> PromptModel:
+    """Makes the model `pm` wraps refuse to run on its own (a ValueError pointing at `pm`): after
+    loading a prompt-learning adapter, the model the caller passed is no longer a plain base model
+    that silently ignores it (``fusedlm.interop.peft.load_adapter``'s contract). Returns pm."""
+    base = pm.model
+    if not hasattr(base, "_fusedlm_prompt_bound"):
+        base._fusedlm_prompt_bound = True
+        base.register_forward_pre_hook(_refuse_alone, with_kwargs=True)
+    return pm
+
+
 # ---------------------------------------------------------------------------------------------
 # constructors
 # ---------------------------------------------------------------------------------------------
@@ -271,9 +300,12 @@ def wrap(model, encoder, method: str, n: int) -> PromptModel:
 
 def token_init(model, token_ids, n_rows: int) -> torch.Tensor:
     """The embeddings (n_rows, d) float32 of token_ids repeated / truncated to n_rows (peft's TEXT init)."""
-    ids = [int(t) for t in (token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)]
+    ids = check.token_ids("init_token_ids", token_ids)
     if not ids:
         raise ValueError("init_token_ids must hold at least one token id")
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:
+        raise ValueError(f"init_token_ids must be ids of the vocabulary, in [0, {vocab}), got {max(ids)}")
     ids = (ids * math.ceil(n_rows / len(ids)))[:n_rows]
     device = model.tok_embed.weight.device
     with torch.no_grad():

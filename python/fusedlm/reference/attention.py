@@ -19,6 +19,14 @@ Numerics: softmax over the visible keys in float32 (float64 for float64 inputs);
 probability exactly 0. A query row with no visible key (or whose visible scores are all -inf)
 returns zeros, its log-sum-exp is -inf, and its gradients are zero: never NaN.
 
+NaN in, NaN out (every backend does what this file does): a row with a NaN score -- a NaN in
+its q, or in the k or bias of a key it sees -- or a +inf score gets NaN in every entry and a NaN
+log-sum-exp, never zeros; a NaN in the v of a key a row sees reaches the entries of that row it
+is multiplied into. Other rows are untouched. A NaN in the k or bias of a hidden key never
+reaches a row (its score is replaced by -inf); one in the v of a hidden key is unspecified (here
+it meets a probability of 0, and 0 * NaN is NaN; the kernels skip hidden keys). Gradients of a
+NaN row are unspecified.
+
 The log-sum-exp ``lse[b, h, i] = log(sum_j exp(s[b, h, i, j]))`` over visible keys is what the
 kernels save for the backward pass, which recomputes the probabilities as ``exp(s - lse)``
 (:func:`attention_backward` writes that recomputation out).

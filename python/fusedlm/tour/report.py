@@ -10,9 +10,10 @@ out, held or not, never asserted. Both make the summary table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
+
+from .. import _io
 
 
 @dataclasses.dataclass
@@ -92,7 +93,8 @@ def plot(path: str, draw: Callable, *, figsize=(6.4, 4.0)) -> str:
     fig = plt.figure(figsize=figsize)
     draw(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with _io.atomic_file(path) as f:  # DESIGN.md rule 8: a crash leaves the old plot or the new one
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
 
@@ -120,11 +122,9 @@ def write(out_dir: str, header: list[str], sections: list[Section]) -> str:
         for p in s.plots:
             parts += ["", f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"]
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(parts) + "\n")
+    _io.write_text(path, "\n".join(parts) + "\n")
     summary = {"sections": [{"key": s.key, "title": s.title, "status": s.status, "seconds": s.seconds,
                              "plots": [os.path.relpath(p, out_dir) for p in s.plots],
                              "checks": [dataclasses.asdict(c) for c in s.checks]} for s in sections]}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    _io.write_json(os.path.join(out_dir, "summary.json"), summary, indent=1)
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import traceback
 
 import torch
 
+from .. import _io
 from . import report
 from .context import Context
 from .sizes import MODES
@@ -36,6 +38,29 @@ SECTIONS = (
     ("hallucination", "hallucination"),
     ("inference", "inference"),
 )
+
+
+# The packages outside fusedlm's own dependencies that each section needs (the [tour] extra):
+# checked before anything runs, so a tour never trains for minutes to report sections missing.
+NEEDS = {
+    "world": ("tokenizers",),  # the BPE tokenizer every later section encodes with
+    "masks": ("matplotlib",), "pretraining": ("matplotlib",), "alignment": ("matplotlib",),
+    "finetuning": ("matplotlib",), "decoding": ("matplotlib",), "hallucination": ("matplotlib", "bm25s"),
+}
+ALWAYS = ("tqdm",)  # the progress bars
+
+
+def missing_packages(sections: list[str]) -> dict[str, list[str]]:
+    """{package: [sections that need it]} for the needed packages that are not installed."""
+    out: dict[str, list[str]] = {}
+    for package in ALWAYS:
+        if importlib.util.find_spec(package) is None:
+            out.setdefault(package, []).append("every section")
+    for key in sections:
+        for package in NEEDS.get(key, ()):
+            if importlib.util.find_spec(package) is None:
+                out.setdefault(package, []).append(key)
+    return out
 
 
 def _run_section(ctx: Context, index: int, key: str, module: str) -> report.Section:
@@ -105,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        _io.check_writable_folder(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
+    chosen = [k for k, _ in SECTIONS if not args.only or k == "world" or k in args.only]
+    missing = missing_packages(chosen)
+    if missing:
+        needs = "; ".join(f"{p} ({', '.join(keys)})" for p, keys in missing.items())
+        parser.error(f"packages the tour needs are not installed: {needs}. Install them with pip install 'fusedlm[tour]'"
+                     + ("" if "every section" in sum(missing.values(), []) else ", or leave those sections out (--only)"))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -39,7 +39,10 @@ class Tokenizer:
         return set(range(len(SPECIALS))) | set(range(self.vocab_size - self.n_sentinels, self.vocab_size))
 
     def save(self, path: str) -> None:
-        self.backend.save(path)
+        """The tokenizers JSON file (what ``tokenizers.Tokenizer.save`` writes), written atomically."""
+        from .. import _io
+
+        _io.write_text(path, self.backend.to_str(pretty=True))
 
 
 def train_tokenizer(texts: list[str], *, vocab_size: int = 512, n_sentinels: int = 16) -> Tokenizer:

@@ -28,7 +28,8 @@ on GPUs; ``distributed.init()``), wraps the model in DDP (``strategy="ddp"``, th
 2+ ranks) or shards it with FSDP2 (``strategy="fsdp"``: ``fully_shard`` per block, then the
 root), and gives every rank its slice of each global batch (batch_size per rank). Checkpoints:
 rank 0 writes model.safetensors and optimizer.pt; FSDP writes a distributed checkpoint (dcp/,
-every rank its shards) plus the gathered model.safetensors. The exact commands (``-m
+every rank its shards) plus the gathered model.safetensors; a checkpoint folder is swapped in
+whole with its completion marker, and ``checkpoint.latest(out_dir)`` finds the newest complete one. The exact commands (``-m
 fusedlm.training`` is the small CLI in __main__.py; your own script works the same way):
 
     # DDP, 2 processes on one machine (CPU: gloo)

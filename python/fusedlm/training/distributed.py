@@ -59,6 +59,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is True on any rank (`flag` itself in one process): a decision every rank
+    takes together (stop, skip a step, refuse to save)."""
+    if rank_and_world()[1] == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=_device_type())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
 

@@ -37,8 +37,9 @@ def labelled_logits(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Te
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over labels != IGNORE_INDEX (a decoder's shifted: position i predicts label
-    i + 1) and the accuracy of the argmax on those tokens. batch: the model's keyword arguments
-    plus "labels" (B, N)."""
+    i + 1), the accuracy of the argmax on those tokens and their count ("labelled_tokens": a batch
+    with none has no loss to report, and the Trainer does not count it as 0). batch: the model's
+    keyword arguments plus "labels" (B, N)."""
     if "labels" not in batch:
         raise ValueError("lm_loss needs batch['labels'] (-100 where no loss is taken)")
     labels = batch["labels"]
@@ -48,11 +49,11 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
             and tuple(labels.shape) != tuple(ids.shape[:2])):
         raise ValueError(f"labels must have the shape of input_ids {list(ids.shape[:2])}, got {list(labels.shape)}")
     logits, targets, _ = labelled_logits(model, inputs, labels)
-    if targets.numel() == 0:
-        return logits.sum() * 0.0, {"accuracy": 0.0}  # nothing to learn here; keeps DDP's reducer in step
+    if targets.numel() == 0:  # nothing to learn here: a zero that keeps DDP's reducer in step, and a count
+        return logits.sum() * 0.0, {"accuracy": 0.0, "labelled_tokens": 0}  # the Trainer does not average in
     loss = F.cross_entropy(logits.float(), targets)
     accuracy = (logits.detach().argmax(-1) == targets).float().mean().item()
-    return loss, {"accuracy": accuracy}
+    return loss, {"accuracy": accuracy, "labelled_tokens": targets.numel()}
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

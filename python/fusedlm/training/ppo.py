@@ -116,12 +116,23 @@ class PPOConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size "
-                             f"({self.mini_batch_size})")
-        check.choice("kl_estimator", self.kl_estimator, ("k1", "k3"))
-        for name in ("response_length", "num_ppo_epochs", "mini_batch_size"):
+        for name in ("rollout_batch_size", "mini_batch_size", "response_length", "num_ppo_epochs"):
             check.integer(f"PPOConfig.{name}", getattr(self, name), low=1)
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(f"PPOConfig.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"mini_batch_size ({self.mini_batch_size})")
+        check.choice("PPOConfig.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        check.number("PPOConfig.temperature", self.temperature, low=0, low_open=True)
+        for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value"):
+            check.number(f"PPOConfig.{name}", getattr(self, name), low=0)
+        check.probability("PPOConfig.gamma", self.gamma)
+        check.probability("PPOConfig.lam", self.lam)
+        if self.missing_eos_penalty is not None:
+            check.number("PPOConfig.missing_eos_penalty", self.missing_eos_penalty)
+        if self.stop_token_id is not None:
+            check.token_id("PPOConfig.stop_token_id", self.stop_token_id)
+        check.token_id("PPOConfig.pad_token_id", self.pad_token_id)
+        check.integer("PPOConfig.seed", self.seed, low=0)
 
 
 class PPORollouts:

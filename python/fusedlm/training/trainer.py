@@ -12,6 +12,12 @@ by grad_accum (the gradient of the mean of the micro-batch means); the gradient 
 max_grad_norm; AdamW (weight decay on matrices only) over the trainable parameters; the LR
 schedule stepped. Under torchrun the model is wrapped for DDP or sharded with FSDP2
 (``strategy``) and each rank reads its own slice of every global batch (see data.Loader).
+
+Guards (DESIGN.md rule 8): a NaN / inf loss or gradient never reaches the weights (on_nonfinite
+"stop" raises FloatingPointError before the optimizer step, "skip" skips the step and records why);
+a step whose batches hold no labelled token (a stage reporting ``labelled_tokens``, as lm_loss
+does) is skipped and logged with loss None, not 0; checkpoints are written atomically and never
+with non-finite weights (training.checkpoint).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -45,7 +52,7 @@ class TrainConfig:
     schedule: str = "cosine"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0  # linear from 0 to lr, as transformers' get_*_schedule_with_warmup
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
-    max_grad_norm: float | None = 1.0  # None: no clipping
+    max_grad_norm: float | None = 1.0  # >= 0; None or 0: no clipping (transformers' 0)
     bf16: bool = False  # autocast forward and loss to bfloat16 (CPU or CUDA)
     eval_every: int = 0  # steps between evaluations (0: only when evaluate() is called)
     eval_batch_size: int | None = None  # default: batch_size
@@ -57,14 +64,32 @@ class TrainConfig:
     shuffle: bool = True
     progress: bool = True  # a tqdm bar on rank 0
     strategy: str = "auto"  # none | ddp | fsdp; auto: ddp when torch.distributed runs on 2+ ranks
+    on_nonfinite: str = "stop"  # a NaN / inf loss or gradient: "stop" (FloatingPointError) or "skip" the step
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             check.integer(f"TrainConfig.{name}", getattr(self, name), low=1)
+        for name in ("eval_every", "save_every", "seed"):
+            check.integer(f"TrainConfig.{name}", getattr(self, name), low=0)
+        for name in ("eval_batch_size", "eval_max_batches"):
+            if getattr(self, name) is not None:
+                check.integer(f"TrainConfig.{name}", getattr(self, name), low=1)
         check.choice("TrainConfig.schedule", self.schedule, SCHEDULES)
         check.number("TrainConfig.lr", self.lr, low=0, low_open=True)
+        check.number("TrainConfig.weight_decay", self.weight_decay, low=0)
+        check.number("TrainConfig.eps", self.eps, low=0, low_open=True)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TypeError(f"TrainConfig.betas must be a pair of numbers, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check.number(f"TrainConfig.betas[{i}]", beta, low=0, high=1, high_open=True)
+        check.probability("TrainConfig.min_lr_ratio", self.min_lr_ratio)
+        if self.max_grad_norm is not None:
+            check.number("TrainConfig.max_grad_norm", self.max_grad_norm, low=0)
         check.integer("TrainConfig.warmup_steps", self.warmup_steps, low=0, high=self.max_steps)
         check.choice("TrainConfig.strategy", self.strategy, ("auto", *distributed.STRATEGIES))
+        check.choice("TrainConfig.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise TypeError(f"TrainConfig.out_dir must be a path or None, got {type(self.out_dir).__name__}")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -102,13 +127,28 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _split(out) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) of what a loss_fn returned: a scalar tensor, or (scalar tensor, dict or None)."""
     if isinstance(out, tuple):
+        if len(out) != 2:
+            raise TypeError(f"loss_fn must return a scalar tensor or (loss, metrics), got a tuple of {len(out)}")
         loss, metrics = out
     else:
-        loss, metrics = out, {}
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError(f"loss_fn must return a scalar tensor (or (loss, metrics)), got {type(loss).__name__}")
+        loss, metrics = out, None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"loss_fn must return a scalar float tensor (or (loss, metrics)), got {what}")
+    metrics = {} if metrics is None else metrics
+    if not isinstance(metrics, dict):
+        raise TypeError(f"the metrics loss_fn returns must be a dict of numbers (or None), got {type(metrics).__name__}")
+    for k, v in metrics.items():
+        if not isinstance(k, str) or not (isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+            raise TypeError(f"loss_fn metric {k!r} must be a number (or a one-element tensor), got {type(v).__name__}")
     return loss, metrics
+
+
+# The metric a stage reports for the labelled tokens of a micro-batch (lm_loss does): a step whose
+# micro-batches have none on any rank has nothing to learn and is skipped, not logged as loss 0.
+LABELLED = "labelled_tokens"
 
 
 class Trainer:
@@ -165,9 +205,16 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; returns its record."""
+        """One optimizer step over grad_accum micro-batches; returns its record.
+
+        The step is not applied when it has nothing to learn (no micro-batch on any rank has a
+        labelled token: the record says "skipped" and its loss is None) or when the loss or the
+        gradient is not finite: then config.on_nonfinite="stop" raises FloatingPointError before
+        the optimizer step (the weights stay those of the previous step), "skip" drops the step's
+        gradient and records why. Skipped steps count as steps (the schedule moves on)."""
         cfg = self.config
-        start, tokens, loss_sum, sums = time.perf_counter(), 0, 0.0, {}
+        start, tokens, sums, counted = time.perf_counter(), 0, {}, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(cfg.grad_accum):
             batch = to_device(next(self.loader), self.device)
             tokens += count_tokens(batch)
@@ -175,38 +222,69 @@ class Trainer:
                 with self._autocast():
                     loss, metrics = _split(self.loss_fn(self.model, batch))
                 (loss / cfg.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach().float()
+            if LABELLED in metrics and float(metrics[LABELLED]) == 0:
+                continue  # nothing labelled: its loss is not a measurement
+            counted += 1
+            loss_sum = loss_sum + loss.detach().double()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        loss_mean = distributed.all_reduce_mean(loss_sum / cfg.grad_accum)
-        if not torch.isfinite(loss_mean):
+        totals = torch.stack([loss_sum, torch.tensor(float(counted), dtype=torch.float64, device=self.device)])
+        if self.world_size > 1:
+            totals = totals.to(distributed._device_type())
+            torch.distributed.all_reduce(totals)
+        n_counted = int(totals[1].item())
+        lr = self.scheduler.get_last_lr()[0]
+        record = {"step": self.step + 1, "loss": None, "lr": lr}
+        skip, nonfinite = None, False
+        if n_counted == 0:
+            skip = "no labelled tokens in the step's batches (every label is -100)"
+        else:
+            loss_mean = float(totals[0].item()) / n_counted
+            record["loss"] = loss_mean if math.isfinite(loss_mean) else None
+            if not math.isfinite(loss_mean):
+                skip, nonfinite = f"the loss is {loss_mean}", True
+        if skip is None:
+            if n_counted < cfg.grad_accum * self.world_size:  # the mean over the micro-batches with labels
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.grad_accum * self.world_size / n_counted)
+            clip = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")  # None or 0: no clipping
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            record["grad_norm"] = grad_norm
+            if not math.isfinite(grad_norm):
+                skip, nonfinite = f"the gradient norm is {grad_norm}", True
+        if nonfinite and cfg.on_nonfinite == "stop":
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
-                f"the loss is {loss_mean.item()} at step {self.step + 1}: training stopped before the optimizer step "
-                f"(no checkpoint was written for this step; the weights are those after step {self.step})")
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+                f"{skip} at step {self.step + 1}: training stopped before the optimizer step (no checkpoint was "
+                f"written for this step; the weights are those after step {self.step}; on_nonfinite='skip' skips such steps)")
+        if skip is None:
+            self.optimizer.step()
+        else:
+            record["skipped"] = skip
+            if self.rank == 0:
+                warnings.warn(f"step {self.step + 1} skipped: {skip}", stacklevel=3)
+        with warnings.catch_warnings():  # a skipped step moves the schedule on without an optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
-        record = {"step": self.step, "loss": loss_mean.item(), "lr": lr, "tokens_per_s": tokens * self.world_size / elapsed,
-                  **{k: v / cfg.grad_accum for k, v in sums.items()}}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+        record["tokens_per_s"] = tokens * self.world_size / elapsed
+        record.update({k: v / max(counted, 1) for k, v in sums.items()})
         return record
 
     def fit(self, resume_from: str | None = None) -> list[dict]:
         """Trains to config.max_steps (from a checkpoint folder if resume_from); returns the history."""
         cfg = self.config
+        saved_at = None
         if resume_from is not None:
             state = checkpoint.load(resume_from, self.model, self.optimizer, self.scheduler)
             self.step = state["step"]
             self.loader.load_state_dict(state["loader"])
+            if cfg.out_dir and os.path.realpath(resume_from) == os.path.realpath(self._checkpoint_path()):
+                saved_at = self.step  # that checkpoint is this step's: nothing to write again
         elif self.step == 0:
             torch.manual_seed(cfg.seed + self.rank)
         bar = None
@@ -218,7 +296,6 @@ class Trainer:
             except ImportError:
                 pass
         self.model.train()
-        saved_at = None
         try:
             while self.step < cfg.max_steps:
                 record = self.train_step()
@@ -227,7 +304,8 @@ class Trainer:
                 self._log(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+                    bar.set_postfix(loss=loss, tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.out_dir and cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                     saved_at = self.step
@@ -255,19 +333,29 @@ class Trainer:
             batch = to_device(batch, self.device)
             with self._autocast():
                 loss, metrics = _split(self.loss_fn(self.model, batch))
+            if LABELLED in metrics and float(metrics[LABELLED]) == 0:
+                continue  # nothing labelled: no loss to average in
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
         self.model.train(was_training)
-        keys = sorted(totals)
-        packed = torch.tensor([totals[k] for k in keys] + [float(n)], dtype=torch.float64)
+        keys = sorted(totals) if n else ["loss"]
+        packed = torch.tensor([totals.get(k, 0.0) for k in keys] + [float(n)], dtype=torch.float64)
         if self.world_size > 1:
             torch.distributed.all_reduce(packed)
+        if packed[-1] == 0:
+            raise ValueError("no evaluation batch has a labelled token (every label is -100): nothing to evaluate")
         return {f"eval/{k}": (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
 
+    def _checkpoint_path(self) -> str:
+        return os.path.join(self.config.out_dir, f"checkpoint-{self.step}")
+
     def save(self, path: str | None = None) -> str:
-        """Writes checkpoint-<step> in out_dir (or `path`); every rank must call it."""
-        path = path or os.path.join(self.config.out_dir, f"checkpoint-{self.step}")
+        """Writes checkpoint-<step> in out_dir (or `path`) atomically (training.checkpoint); every
+        rank must call it. Raises FloatingPointError, writing nothing, if a weight holds NaN or inf."""
+        if path is None and not self.config.out_dir:
+            raise ValueError("save() needs a path, or config.out_dir")
+        path = path or self._checkpoint_path()
         checkpoint.save(path, self.model, self.optimizer, self.scheduler, step=self.step,
                         loader_state=self.loader.state_dict())
         return path
