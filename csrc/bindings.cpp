@@ -42,6 +42,7 @@ PYBIND11_MODULE(_C, m) {
   // ---- entry points (cpu/ops.h) ----
   m.def("nf4_quantize", &nf4_quantize, nogil);
   m.def("nf4_dequantize", &nf4_dequantize, nogil);
+  m.def("nf4_repack", &nf4_repack, nogil);
   m.def("nf4_gemv", &nf4_gemv, nogil);
   m.def("attention_forward", &attention_forward, nogil);
   m.def("attention_backward", &attention_backward, nogil);

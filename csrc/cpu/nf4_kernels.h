@@ -104,7 +104,181 @@ void dequantize(const Nf4Args& a) {
   }
 }
 
-// ---- GEMV ---------------------------------------------------------------------------------
+// ---- repack: the tiles the GEMV streams (common/args.h: Nf4Args) ----------------------------
+
+// The code index of element e of the flat weight (element 2j: the high nibble of byte j).
+inline int nf4_index(const uint8_t* data, int64_t e) { return e % 2 == 0 ? data[e / 2] >> 4 : data[e / 2] & 0xF; }
+
+void repack(const Nf4Args& a) {
+  const int64_t blocksize = a.blocksize, n_blocks = a.tiles.size(1), K = n_blocks * blocksize;
+  const int64_t N = a.data.numel() * 2 / K, n_tiles = a.tiles.size(0), record = a.tiles.size(2);
+  const uint8_t* data = a.data.ptr<const uint8_t>();
+  const float* absmax = a.absmax.ptr<const float>();
+  parallel_for(n_tiles, a.num_threads, [&](int64_t t) {
+    uint8_t* out = a.tiles.ptr<uint8_t>() + t * n_blocks * record;
+    for (int64_t b = 0; b < n_blocks; ++b, out += record) {
+      for (int64_t g = 0; g < blocksize / 8; ++g) {
+        const int64_t k0 = b * blocksize + 8 * g;
+        for (int64_t r = 0; r < kNf4TileRows; ++r) {
+          const int64_t n = t * kNf4TileRows + r;
+          uint32_t word = 0;
+          for (int j = 0; n < N && j < 8; ++j) word |= static_cast<uint32_t>(nf4_index(data, n * K + k0 + kNf4NibbleK[j])) << (4 * j);
+          for (int byte = 0; byte < 4; ++byte) out[64 * g + 4 * r + byte] = static_cast<uint8_t>(word >> (8 * byte));
+        }
+      }
+      float scales[kNf4TileRows];
+      for (int64_t r = 0; r < kNf4TileRows; ++r) {
+        const int64_t n = t * kNf4TileRows + r;
+        scales[r] = n < N ? absmax[n * n_blocks + b] : 0.0f;  // padding rows: 0, whatever their nibbles
+      }
+      std::memcpy(out + 8 * blocksize, scales, sizeof(scales));
+    }
+  });
+}
+
+// ---- GEMV on the tiles --------------------------------------------------------------------
+// One tile (16 rows) against MT rows of x at a time. Per block of a row the products of the
+// code values and x are summed in float32, then scaled by the rows' absmax (one vector per 16
+// rows) into the totals. Each row is one lane: no horizontal sums.
+//   float32 (any ISA): x in float32; the nibbles of one position j give 16 rows of element
+//     k0 + kNf4NibbleK[j] through the code table (exact float32 values), times x broadcast.
+//   bf16 (kNativeBf16): x rounded to bf16; each 16-bit half of a word gives the bf16 pair
+//     (k0 + 2i, k0 + 2i + 1) of its row through the code table rounded to bf16, and dot2
+//     (vdpbf16ps) multiplies it by the pair of x: half the instructions per weight.
+constexpr int64_t kPrefetchBytes = 2048;  // how far ahead of the tile group being read to prefetch
+constexpr int kTileVecs = static_cast<int>(kNf4TileRows) / W;  // vectors per 16 rows
+constexpr int kParts = kRegisters >= 32 ? 4 : 2;                // partial sums per vector (latency)
+
+// sums[m][r] = row r of the tile . x row m (x rows K apart), for MT rows.
+template <int MT>
+void tile_gemv_f32(const float* x, int64_t K, const uint8_t* tile, int64_t blocksize, const Lut16& code,
+                   float (*sums)[kNf4TileRows]) {
+  Vec total[MT][kTileVecs];
+  for (auto& row : total)
+    for (Vec& v : row) v = Vec::zero();
+  const int64_t record = nf4_tile_block_bytes(blocksize);
+  for (int64_t k0 = 0; k0 < K; k0 += blocksize, tile += record) {
+    Vec part[MT][kTileVecs][kParts];
+    for (auto& row : part)
+      for (auto& vec : row)
+        for (Vec& v : vec) v = Vec::zero();
+    for (int64_t g = 0; g < blocksize / 8; ++g) {
+      prefetch_stream(tile + 64 * g + kPrefetchBytes);
+      IVec words[kTileVecs];
+      for (int h = 0; h < kTileVecs; ++h) words[h] = IVec::load(tile + 64 * g + 4 * W * h);
+      const float* xg = x + k0 + 8 * g;
+      auto nibble = [&](auto j_constant) {
+        constexpr int j = decltype(j_constant)::value;
+        for (int h = 0; h < kTileVecs; ++h) {
+          const Vec w = code.lookup_nibble<j>(words[h]);
+          for (int m = 0; m < MT; ++m)
+            part[m][h][j % kParts] = fma(w, Vec(xg[m * K + kNf4NibbleK[j]]), part[m][h][j % kParts]);
+        }
+      };
+      unroll<8>(nibble);
+    }
+    const float* scale = reinterpret_cast<const float*>(tile + 8 * blocksize);
+    for (int h = 0; h < kTileVecs; ++h) {
+      const Vec s = Vec::load(scale + W * h);
+      for (int m = 0; m < MT; ++m) {
+        Vec block = part[m][h][0];
+        for (int p = 1; p < kParts; ++p) block = block + part[m][h][p];
+        total[m][h] = fma(block, s, total[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int h = 0; h < kTileVecs; ++h) total[m][h].store(sums[m] + W * h);
+}
+
+// As tile_gemv_f32 with bf16 x (rows K apart) and bf16 dot products; only where kNativeBf16 (W = 16).
+template <int MT>
+void tile_gemv_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, int64_t blocksize, const BLut16& code,
+                    float (*sums)[kNf4TileRows]) {
+  static_assert(MT > 0 && kTileVecs == 1, "the bf16 tile kernel runs on 16 lanes");
+  Vec total[MT];
+  for (Vec& v : total) v = Vec::zero();
+  const int64_t record = nf4_tile_block_bytes(blocksize);
+  for (int64_t k0 = 0; k0 < K; k0 += blocksize, tile += record) {
+    Vec part[MT][4];  // one per pair position: four independent chains of dot2 (its latency)
+    for (auto& row : part)
+      for (Vec& v : row) v = Vec::zero();
+    for (int64_t g = 0; g < blocksize / 8; ++g) {
+      prefetch_stream(tile + 64 * g + kPrefetchBytes);
+      const BVec words = BVec::load(tile + 64 * g);
+      const uint16_t* xg = x + k0 + 8 * g;
+      auto pair = [&](auto i_constant) {  // elements (2i, 2i + 1) of the group
+        constexpr int i = decltype(i_constant)::value;
+        const BVec w = code.lookup(shr<4 * i>(words));
+        for (int m = 0; m < MT; ++m) part[m][i] = dot2(part[m][i], w, BVec::broadcast_pair(xg + m * K + 2 * i));
+      };
+      unroll<4>(pair);
+    }
+    const Vec s = Vec::load(reinterpret_cast<const float*>(tile + 8 * blocksize));
+    for (int m = 0; m < MT; ++m) total[m] = fma((part[m][0] + part[m][1]) + (part[m][2] + part[m][3]), s, total[m]);
+  }
+  for (int m = 0; m < MT; ++m) total[m].store(sums[m]);
+}
+
+// Runs fn(x rows m0 .. m0 + rows - 1, std::integral_constant<int, rows>) for groups of up to
+// `most` rows of x (a compile-time row count per group keeps the accumulators in registers).
+template <int Most, class Fn>
+void for_row_groups(int64_t M, Fn&& fn) {
+  for (int64_t m0 = 0; m0 < M; m0 += Most) {
+    const int64_t rows = std::min<int64_t>(Most, M - m0);
+    unroll<Most>([&](auto r) {
+      if (rows == decltype(r)::value + 1) fn(m0, std::integral_constant<int, decltype(r)::value + 1>{});
+    });
+  }
+}
+
+void gemv_tiles(const Nf4Args& a) {
+  const int64_t M = a.x.size(0), K = a.x.size(1), N = a.out.size(1), stride_xm = a.x.stride(0);
+  const int64_t n_tiles = a.tiles.size(0), tile_bytes = a.tiles.size(1) * a.tiles.size(2);
+  const bool bf16 = kNativeBf16 && (a.x.dtype == DType::BF16 || (a.x.dtype == DType::F32 && a.bf16_dots));
+  // x once per call, rows K apart: as bf16 for bf16 dot products, else float32.
+  std::vector<uint16_t> xb(bf16 ? static_cast<size_t>(M * K) : 0);
+  std::vector<float> xf(bf16 ? 0 : static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    const void* row = static_cast<const char*>(a.x.data) + m * stride_xm * dtype_size(a.x.dtype);
+    if (bf16) {
+      for_chunks(K, [&](int64_t i, auto c) { store_as<DType::BF16>(xb.data() + m * K, i, load_any(row, a.x.dtype, i, c), c); });
+    } else {
+      widen_row(row, a.x.dtype, K, xf.data() + m * K);
+    }
+  }
+  const float* code = a.code.ptr<const float>();
+  const float* bias = a.bias.ptr<const float>();
+  constexpr int kMostRows = kRegisters >= 32 ? 4 : 1;
+  // Few long runs of tiles per thread (the stream prefetchers restart at every jump), still several
+  // per thread for balance.
+  const Tasks tasks(n_tiles, n_tiles / (8 * std::max(a.num_threads, 1)));
+  parallel_for(tasks.count, a.num_threads, [&](int64_t task) {
+    const Lut16 table(code, 1.0f);
+    float sums[kMostRows][kNf4TileRows];
+    for (int64_t t = tasks.begin(task); t < tasks.end(task, n_tiles); ++t) {
+      const uint8_t* tile = a.tiles.ptr<const uint8_t>() + t * tile_bytes;
+      const int64_t n0 = t * kNf4TileRows, live = std::min(kNf4TileRows, N - n0);
+      for_row_groups<kMostRows>(M, [&](int64_t m0, auto rows) {
+        constexpr int MT = decltype(rows)::value;
+        if constexpr (kNativeBf16) {
+          if (bf16) {
+            tile_gemv_bf16<MT>(xb.data() + m0 * K, K, tile, a.blocksize, BLut16(code), sums);
+          } else {
+            tile_gemv_f32<MT>(xf.data() + m0 * K, K, tile, a.blocksize, table, sums);
+          }
+        } else {
+          tile_gemv_f32<MT>(xf.data() + m0 * K, K, tile, a.blocksize, table, sums);
+        }
+        for (int m = 0; m < MT; ++m)
+          for (int64_t r = 0; r < live; ++r)
+            store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n0 + r, sums[m][r] + (bias ? bias[n0 + r] : 0.0f));
+      });
+    }
+  });
+}
+
+// ---- GEMV on the flat bytes (weights without tiles: K % blocksize != 0) ----------------------
 // xs: x in float32, reordered per chunk as its W even elements then its W odd ones, so that a
 // decoded chunk meets two contiguous loads. Row m of xs starts at m * K.
 
@@ -144,108 +318,34 @@ void gemv_row(const float* xs, int64_t K, const uint8_t* data, const float* absm
   }
 }
 
-// bf16 x where the CPU has native bf16 dot products: 4W weights (2W bytes) per chunk, decoded
-// straight to bf16 through the block's table rounded to bf16 (BLut16, as precise as the bf16 x it
-// meets) and multiplied in pairs by dot2 with float32 accumulation: half the work per weight of
-// the float32 path. xb: per chunk, the even elements then the odd ones, each as the pairs dot2
-// multiplies: (x[4i], x[4i+2]) and (x[4i+1], x[4i+3]).
-constexpr int64_t kChunk16 = 4 * W;
-
-template <int MT>
-void gemv_row_bf16(const uint16_t* xb, int64_t K, const uint8_t* data, const float* absmax, const float* code,
-                   int64_t flat0, int64_t blocksize, float* sums) {
-  constexpr int U = 2;
-  Vec acc[MT][2 * U];
-  for (auto& row : acc)
-    for (Vec& v : row) v = Vec::zero();
-  const uint8_t* row_data = data + flat0 / 2;
-  int64_t block = flat0 / blocksize;
-  for (int64_t c = 0; c < K; ++block) {
-    const int64_t segment_end = std::min(K, (block + 1) * blocksize - flat0);
-    const BLut16 table(code, absmax[block]);
-    auto step = [&](auto chunks) {
-      for (int u = 0; u < decltype(chunks)::value; ++u) {
-        const BVec bytes = BVec::load_u8(row_data + (c + u * kChunk16) / 2);
-        const BVec even = table.lookup(high_nibbles(bytes)), odd = table.lookup(low_nibbles(bytes));
-        for (int m = 0; m < MT; ++m) {
-          const uint16_t* xc = xb + m * K + c + u * kChunk16;
-          acc[m][2 * u] = dot2(acc[m][2 * u], even, BVec::load(xc));
-          acc[m][2 * u + 1] = dot2(acc[m][2 * u + 1], odd, BVec::load(xc + 2 * W));
-        }
-      }
-      c += decltype(chunks)::value * kChunk16;
-    };
-    while (c + U * kChunk16 <= segment_end) step(std::integral_constant<int, U>{});
-    while (c < segment_end) step(std::integral_constant<int, 1>{});
-  }
-  for (int m = 0; m < MT; ++m) {
-    Vec total = acc[m][0];
-    for (int j = 1; j < 2 * U; ++j) total = total + acc[m][j];
-    sums[m] = total.reduce_add();
-  }
-}
-
-void gemv(const Nf4Args& a) {
+void gemv_flat(const Nf4Args& a) {
   const int64_t M = a.x.size(0), K = a.x.size(1), N = a.out.size(1), stride_xm = a.x.stride(0);
-  const bool bf16_dots = kNativeBf16 && a.x.dtype == DType::BF16 && a.blocksize % kChunk16 == 0 && K % kChunk16 == 0;
-  std::vector<float> xs;
-  std::vector<uint16_t> xb;
-  if (bf16_dots) {  // the pairs gemv_row_bf16 multiplies
-    const uint16_t* x = a.x.ptr<const uint16_t>();
-    xb.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K; c += kChunk16)
-        for (int64_t i = 0; i < W; ++i)
-          for (int64_t t = 0; t < 2; ++t) {
-            xb[m * K + c + 2 * i + t] = x[m * stride_xm + c + 4 * i + 2 * t];
-            xb[m * K + c + 2 * W + 2 * i + t] = x[m * stride_xm + c + 4 * i + 2 * t + 1];
-          }
-  } else {  // float32, each chunk as its W even then its W odd elements
-    xs.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K; c += kChunk)
-        for (int64_t j = 0; j < W; ++j) {
-          xs[m * K + c + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j);
-          xs[m * K + c + W + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j + 1);
-        }
-  }
+  std::vector<float> xs(static_cast<size_t>(M * K));  // float32, each chunk as its W even then its W odd elements
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += kChunk)
+      for (int64_t j = 0; j < W; ++j) {
+        xs[m * K + c + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j);
+        xs[m * K + c + W + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j + 1);
+      }
   const uint8_t* data = a.data.ptr<const uint8_t>();
   const float* absmax = a.absmax.ptr<const float>();
   const float* code = a.code.ptr<const float>();
   const float* bias = a.bias.ptr<const float>();
-  // Rows of x in groups of 4: each chunk of W is decoded once per group.
-  auto row_group = [&](int64_t n, int64_t m0, int rows, float* sums) {
-    const int64_t flat0 = n * K;
-    if (bf16_dots) {
-      const uint16_t* x = xb.data() + m0 * K;
-      switch (rows) {
-        case 4: return gemv_row_bf16<4>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-        case 3: return gemv_row_bf16<3>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-        case 2: return gemv_row_bf16<2>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-        default: return gemv_row_bf16<1>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      }
-    }
-    const float* x = xs.data() + m0 * K;
-    switch (rows) {
-      case 4: return gemv_row<4>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      case 3: return gemv_row<3>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      case 2: return gemv_row<2>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      default: return gemv_row<1>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-    }
-  };
   const Tasks tasks(N, 16);
   parallel_for(tasks.count, a.num_threads, [&](int64_t task) {
     float sums[4];
     for (int64_t n = tasks.begin(task); n < tasks.end(task, N); ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int rows = static_cast<int>(std::min<int64_t>(4, M - m0));
-        row_group(n, m0, rows, sums);
-        for (int64_t m = 0; m < rows; ++m)
+      for_row_groups<4>(M, [&](int64_t m0, auto rows) {  // each chunk of W is decoded once per 4 rows of x
+        constexpr int MT = decltype(rows)::value;
+        gemv_row<MT>(xs.data() + m0 * K, K, data, absmax, code, n * K, a.blocksize, sums);
+        for (int64_t m = 0; m < MT; ++m)
           store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n, sums[m] + (bias ? bias[n] : 0.0f));
-      }
+      });
     }
   });
 }
 
+void gemv(const Nf4Args& a) { return a.tiles ? gemv_tiles(a) : gemv_flat(a); }
+
 // This level's entry kernels, one row of the table in common/for_each_isa.h.
-constexpr Kernels kernels{quantize, dequantize, gemv};
+constexpr Kernels kernels{quantize, dequantize, repack, gemv};

@@ -81,6 +81,14 @@ def timed(suite: str, case: str, impl: str, fn: Callable[[], object], extra: dic
     return Row(suite, case, impl, timeit(fn, **kw), extra, ms_after_torch=timeit_after_torch(fn, **kw))
 
 
+def read_bandwidth() -> tuple[float, float]:
+    """(ms, GB/s) of torch.sum over a 1 GiB float32 tensor, the best of a few calls: the plain
+    memory-read bandwidth of this machine now (the limit of weight-streaming decode)."""
+    big = torch.ones(256 * 1024 * 1024)
+    ms = min(timeit(lambda: big.sum(), warmup=1, min_repeat=3, min_seconds=0.0) for _ in range(3))
+    return ms, big.numel() * 4 / ms / 1e6
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
