@@ -136,100 +136,117 @@ void repack(const Nf4Args& a) {
   });
 }
 
-// ---- GEMV on the tiles --------------------------------------------------------------------
-// One tile (16 rows) against MT rows of x at a time. Per block of a row the products of the
-// code values and x are summed in float32, then scaled by the rows' absmax (one vector per 16
-// rows) into the totals. Each row is one lane: no horizontal sums.
+// ---- GEMV / GEMM on the tiles ------------------------------------------------------------
+// NT adjacent tiles (16 NT rows of W) against MT rows of x at a time. Per block of a row the
+// products of the code values and x are summed in float32 (in registers), then scaled by the
+// rows' absmax (one vector per 16 rows) into the totals (in a small buffer). Each row of W is one
+// lane: no horizontal sums.
 //   float32 (any ISA): x in float32; the nibbles of one position j give 16 rows of element
 //     k0 + kNf4NibbleK[j] through the code table (exact float32 values), times x broadcast.
 //   bf16 (kNativeBf16): x rounded to bf16; each 16-bit half of a word gives the bf16 pair
 //     (k0 + 2i, k0 + 2i + 1) of its row through the code table rounded to bf16, and dot2
 //     (vdpbf16ps) multiplies it by the pair of x: half the instructions per weight.
+// Each decoded vector serves MT rows of x and each broadcast of x NT vectors, so for many rows
+// (prefill) the decoding is a small part and the kernel runs at the FMA / dot2 rate (a GEMM).
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead of the tile group being read to prefetch
 constexpr int kTileVecs = static_cast<int>(kNf4TileRows) / W;  // vectors per 16 rows
-constexpr int kParts = kRegisters >= 32 ? 4 : 2;                // partial sums per vector (latency)
+// The register block: up to kMostRows rows of x by kMostTiles tiles (bf16: each broadcast of x
+// then feeds two dot2); partial sums per accumulator so that at least four independent chains
+// hide the FMA / dot2 latency.
+constexpr int kMostRows = kRegisters >= 32 ? 6 : 4;
+constexpr int kMostTiles = kRegisters >= 32 ? 2 : 1;
+template <int Accumulators>
+constexpr int kParts = Accumulators >= 4 ? 1 : 4 / Accumulators;
 
-// sums[m][r] = row r of the tile . x row m (x rows K apart), for MT rows.
-template <int MT>
-void tile_gemv_f32(const float* x, int64_t K, const uint8_t* tile, int64_t blocksize, const Lut16& code,
-                   float (*sums)[kNf4TileRows]) {
-  Vec total[MT][kTileVecs];
-  for (auto& row : total)
-    for (Vec& v : row) v = Vec::zero();
+using Sums = float (*)[kNf4TileRows * kMostTiles];  // sums[m][16 nt + r]: x row m . row r of tile nt
+
+// sums[m][16 nt + r] += tile nt, row r . x row m (x rows K apart), for MT rows and NT tiles.
+template <int MT, int NT>
+void tiles_f32(const float* x, int64_t K, const uint8_t* tile, int64_t tile_bytes, int64_t blocksize, const Lut16& code,
+               Sums sums) {
+  constexpr int V = NT * kTileVecs, P = kParts<MT * V>;  // vectors of W per element, partial sums
   const int64_t record = nf4_tile_block_bytes(blocksize);
   for (int64_t k0 = 0; k0 < K; k0 += blocksize, tile += record) {
-    Vec part[MT][kTileVecs][kParts];
+    Vec part[MT][V][P];
     for (auto& row : part)
       for (auto& vec : row)
         for (Vec& v : vec) v = Vec::zero();
     for (int64_t g = 0; g < blocksize / 8; ++g) {
-      prefetch_stream(tile + 64 * g + kPrefetchBytes);
-      IVec words[kTileVecs];
-      for (int h = 0; h < kTileVecs; ++h) words[h] = IVec::load(tile + 64 * g + 4 * W * h);
+      IVec words[V];
+      for (int nt = 0; nt < NT; ++nt) {
+        prefetch_stream(tile + nt * tile_bytes + 64 * g + kPrefetchBytes);
+        for (int h = 0; h < kTileVecs; ++h) words[nt * kTileVecs + h] = IVec::load(tile + nt * tile_bytes + 64 * g + 4 * W * h);
+      }
       const float* xg = x + k0 + 8 * g;
-      auto nibble = [&](auto j_constant) {
+      unroll<8>([&](auto j_constant) {
         constexpr int j = decltype(j_constant)::value;
-        for (int h = 0; h < kTileVecs; ++h) {
-          const Vec w = code.lookup_nibble<j>(words[h]);
-          for (int m = 0; m < MT; ++m)
-            part[m][h][j % kParts] = fma(w, Vec(xg[m * K + kNf4NibbleK[j]]), part[m][h][j % kParts]);
+        Vec w[V];
+        for (int v = 0; v < V; ++v) w[v] = code.lookup_nibble<j>(words[v]);
+        for (int m = 0; m < MT; ++m) {
+          const Vec xj(xg[m * K + kNf4NibbleK[j]]);
+          for (int v = 0; v < V; ++v) part[m][v][j % P] = fma(w[v], xj, part[m][v][j % P]);
         }
-      };
-      unroll<8>(nibble);
+      });
     }
     const float* scale = reinterpret_cast<const float*>(tile + 8 * blocksize);
-    for (int h = 0; h < kTileVecs; ++h) {
-      const Vec s = Vec::load(scale + W * h);
+    for (int v = 0; v < V; ++v) {
+      const Vec s = Vec::load(scale + (v / kTileVecs) * (tile_bytes / 4) + W * (v % kTileVecs));
       for (int m = 0; m < MT; ++m) {
-        Vec block = part[m][h][0];
-        for (int p = 1; p < kParts; ++p) block = block + part[m][h][p];
-        total[m][h] = fma(block, s, total[m][h]);
+        Vec block = part[m][v][0];
+        for (int p = 1; p < P; ++p) block = block + part[m][v][p];
+        fma(block, s, Vec::load(sums[m] + W * v)).store(sums[m] + W * v);
       }
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int h = 0; h < kTileVecs; ++h) total[m][h].store(sums[m] + W * h);
 }
 
-// As tile_gemv_f32 with bf16 x (rows K apart) and bf16 dot products; only where kNativeBf16 (W = 16).
-template <int MT>
-void tile_gemv_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, int64_t blocksize, const BLut16& code,
-                    float (*sums)[kNf4TileRows]) {
+// As tiles_f32 with bf16 x (rows K apart) and bf16 dot products; only where kNativeBf16 (W = 16).
+template <int MT, int NT>
+void tiles_bf16(const uint16_t* x, int64_t K, const uint8_t* tile, int64_t tile_bytes, int64_t blocksize,
+                const BLut16& code, Sums sums) {
   static_assert(MT > 0 && kTileVecs == 1, "the bf16 tile kernel runs on 16 lanes");
-  Vec total[MT];
-  for (Vec& v : total) v = Vec::zero();
+  constexpr int P = kParts<MT * NT>;
   const int64_t record = nf4_tile_block_bytes(blocksize);
   for (int64_t k0 = 0; k0 < K; k0 += blocksize, tile += record) {
-    Vec part[MT][4];  // one per pair position: four independent chains of dot2 (its latency)
+    Vec part[MT][NT][P];
     for (auto& row : part)
-      for (Vec& v : row) v = Vec::zero();
+      for (auto& vec : row)
+        for (Vec& v : vec) v = Vec::zero();
     for (int64_t g = 0; g < blocksize / 8; ++g) {
-      prefetch_stream(tile + 64 * g + kPrefetchBytes);
-      const BVec words = BVec::load(tile + 64 * g);
+      BVec words[NT];
+      for (int nt = 0; nt < NT; ++nt) {
+        prefetch_stream(tile + nt * tile_bytes + 64 * g + kPrefetchBytes);
+        words[nt] = BVec::load(tile + nt * tile_bytes + 64 * g);
+      }
       const uint16_t* xg = x + k0 + 8 * g;
-      auto pair = [&](auto i_constant) {  // elements (2i, 2i + 1) of the group
+      unroll<4>([&](auto i_constant) {  // elements (2i, 2i + 1) of the group
         constexpr int i = decltype(i_constant)::value;
-        const BVec w = code.lookup(shr<4 * i>(words));
-        for (int m = 0; m < MT; ++m) part[m][i] = dot2(part[m][i], w, BVec::broadcast_pair(xg + m * K + 2 * i));
-      };
-      unroll<4>(pair);
+        BVec w[NT];
+        for (int nt = 0; nt < NT; ++nt) w[nt] = code.lookup(shr<4 * i>(words[nt]));
+        for (int m = 0; m < MT; ++m) {
+          const BVec xi = BVec::broadcast_pair(xg + m * K + 2 * i);
+          for (int nt = 0; nt < NT; ++nt) part[m][nt][i % P] = dot2(part[m][nt][i % P], w[nt], xi);
+        }
+      });
     }
-    const Vec s = Vec::load(reinterpret_cast<const float*>(tile + 8 * blocksize));
-    for (int m = 0; m < MT; ++m) total[m] = fma((part[m][0] + part[m][1]) + (part[m][2] + part[m][3]), s, total[m]);
+    const float* scale = reinterpret_cast<const float*>(tile + 8 * blocksize);
+    for (int nt = 0; nt < NT; ++nt) {
+      const Vec s = Vec::load(scale + nt * (tile_bytes / 4));
+      for (int m = 0; m < MT; ++m) {
+        Vec block = part[m][nt][0];
+        for (int p = 1; p < P; ++p) block = block + part[m][nt][p];
+        fma(block, s, Vec::load(sums[m] + W * nt)).store(sums[m] + W * nt);
+      }
+    }
   }
-  for (int m = 0; m < MT; ++m) total[m].store(sums[m]);
 }
 
-// Runs fn(x rows m0 .. m0 + rows - 1, std::integral_constant<int, rows>) for groups of up to
-// `most` rows of x (a compile-time row count per group keeps the accumulators in registers).
+// fn(std::integral_constant<int, n>) for the runtime n in [1, Most].
 template <int Most, class Fn>
-void for_row_groups(int64_t M, Fn&& fn) {
-  for (int64_t m0 = 0; m0 < M; m0 += Most) {
-    const int64_t rows = std::min<int64_t>(Most, M - m0);
-    unroll<Most>([&](auto r) {
-      if (rows == decltype(r)::value + 1) fn(m0, std::integral_constant<int, decltype(r)::value + 1>{});
-    });
-  }
+void with_constant(int64_t n, Fn&& fn) {
+  unroll<Most>([&](auto c) {
+    if (n == decltype(c)::value + 1) fn(std::integral_constant<int, decltype(c)::value + 1>{});
+  });
 }
 
 void gemv_tiles(const Nf4Args& a) {
@@ -239,41 +256,49 @@ void gemv_tiles(const Nf4Args& a) {
   // x once per call, rows K apart: as bf16 for bf16 dot products, else float32.
   std::vector<uint16_t> xb(bf16 ? static_cast<size_t>(M * K) : 0);
   std::vector<float> xf(bf16 ? 0 : static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m) {
+  parallel_for(M, a.num_threads, [&](int64_t m) {
     const void* row = static_cast<const char*>(a.x.data) + m * stride_xm * dtype_size(a.x.dtype);
     if (bf16) {
       for_chunks(K, [&](int64_t i, auto c) { store_as<DType::BF16>(xb.data() + m * K, i, load_any(row, a.x.dtype, i, c), c); });
     } else {
       widen_row(row, a.x.dtype, K, xf.data() + m * K);
     }
-  }
+  });
   const float* code = a.code.ptr<const float>();
   const float* bias = a.bias.ptr<const float>();
-  constexpr int kMostRows = kRegisters >= 32 ? 4 : 1;
-  // Few long runs of tiles per thread (the stream prefetchers restart at every jump), still several
-  // per thread for balance.
-  const Tasks tasks(n_tiles, n_tiles / (8 * std::max(a.num_threads, 1)));
-  parallel_for(tasks.count, a.num_threads, [&](int64_t task) {
+  // Blocks of rows of x of about 1 MiB (they stay in each core's L2 while the tiles stream past);
+  // per block, few long runs of tiles per thread (the stream prefetchers restart at every jump),
+  // still several per thread for balance. A few rows (decode) take one tile at a time: one
+  // stream; so does float32, whose FMA chains already outnumber the lookups (two tiles per pass
+  // measured slower there on Zen 4).
+  const int tiles_per_pass = M >= kMostRows && bf16 ? kMostTiles : 1;
+  const int64_t x_block = std::max<int64_t>(kMostRows, (1 << 20) / (K * (bf16 ? 2 : 4)) / kMostRows * kMostRows);
+  const Tasks row_blocks(M, x_block), runs(n_tiles, n_tiles / (8 * std::max(a.num_threads, 1)) / tiles_per_pass * tiles_per_pass);
+  parallel_for(row_blocks.count * runs.count, a.num_threads, [&](int64_t task) {
+    const int64_t block = task / runs.count, run = task % runs.count;
     const Lut16 table(code, 1.0f);
-    float sums[kMostRows][kNf4TileRows];
-    for (int64_t t = tasks.begin(task); t < tasks.end(task, n_tiles); ++t) {
+    const BLut16 table16(code);
+    float sums[kMostRows][kNf4TileRows * kMostTiles];
+    for (int64_t t = runs.begin(run); t < runs.end(run, n_tiles); t += tiles_per_pass) {
+      const int64_t tiles = std::min<int64_t>(tiles_per_pass, runs.end(run, n_tiles) - t);
       const uint8_t* tile = a.tiles.ptr<const uint8_t>() + t * tile_bytes;
-      const int64_t n0 = t * kNf4TileRows, live = std::min(kNf4TileRows, N - n0);
-      for_row_groups<kMostRows>(M, [&](int64_t m0, auto rows) {
-        constexpr int MT = decltype(rows)::value;
-        if constexpr (kNativeBf16) {
-          if (bf16) {
-            tile_gemv_bf16<MT>(xb.data() + m0 * K, K, tile, a.blocksize, BLut16(code), sums);
-          } else {
-            tile_gemv_f32<MT>(xf.data() + m0 * K, K, tile, a.blocksize, table, sums);
-          }
-        } else {
-          tile_gemv_f32<MT>(xf.data() + m0 * K, K, tile, a.blocksize, table, sums);
-        }
-        for (int m = 0; m < MT; ++m)
+      const int64_t n0 = t * kNf4TileRows, live = std::min(kNf4TileRows * tiles, N - n0);
+      for (int64_t m0 = row_blocks.begin(block); m0 < row_blocks.end(block, M); m0 += kMostRows) {
+        const int64_t rows = std::min<int64_t>(kMostRows, row_blocks.end(block, M) - m0);
+        for (int64_t m = 0; m < rows; ++m) std::fill(sums[m], sums[m] + kNf4TileRows * tiles, 0.0f);
+        with_constant<kMostRows>(rows, [&](auto mt) {
+          with_constant<kMostTiles>(tiles, [&](auto nt) {
+            constexpr int MT = decltype(mt)::value, NT = decltype(nt)::value;
+            if constexpr (kNativeBf16) {
+              if (bf16) return tiles_bf16<MT, NT>(xb.data() + m0 * K, K, tile, tile_bytes, a.blocksize, table16, sums);
+            }
+            tiles_f32<MT, NT>(xf.data() + m0 * K, K, tile, tile_bytes, a.blocksize, table, sums);
+          });
+        });
+        for (int64_t m = 0; m < rows; ++m)
           for (int64_t r = 0; r < live; ++r)
             store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n0 + r, sums[m][r] + (bias ? bias[n0 + r] : 0.0f));
-      });
+      }
     }
   });
 }
@@ -335,12 +360,14 @@ void gemv_flat(const Nf4Args& a) {
   parallel_for(tasks.count, a.num_threads, [&](int64_t task) {
     float sums[4];
     for (int64_t n = tasks.begin(task); n < tasks.end(task, N); ++n) {
-      for_row_groups<4>(M, [&](int64_t m0, auto rows) {  // each chunk of W is decoded once per 4 rows of x
-        constexpr int MT = decltype(rows)::value;
-        gemv_row<MT>(xs.data() + m0 * K, K, data, absmax, code, n * K, a.blocksize, sums);
-        for (int64_t m = 0; m < MT; ++m)
-          store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n, sums[m] + (bias ? bias[n] : 0.0f));
-      });
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // each chunk of W is decoded once per 4 rows of x
+        with_constant<4>(std::min<int64_t>(4, M - m0), [&](auto rows) {
+          constexpr int MT = decltype(rows)::value;
+          gemv_row<MT>(xs.data() + m0 * K, K, data, absmax, code, n * K, a.blocksize, sums);
+          for (int64_t m = 0; m < MT; ++m)
+            store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n, sums[m] + (bias ? bias[n] : 0.0f));
+        });
+      }
     }
   });
 }

@@ -151,7 +151,7 @@ def _bf16_dots(isa: str, dtype: torch.dtype, precision: str) -> bool:
     return isa == "avx512_bf16" and (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "medium"))
 
 
-@pytest.mark.parametrize("m", [1, 4, 5, 16])
+@pytest.mark.parametrize("m", [1, 4, 5, 16, 70])
 @pytest.mark.parametrize("n,k,blocksize", [(37, 256, 32), (16, 192, 64), (48, 4096, 4096), (5, 96, 64)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("precision", ["highest", "high", "medium"])
@@ -160,7 +160,9 @@ def test_gemv_against_the_exact_product(cpu_isa, m, n, k, blocksize, dtype, prec
     # numerics: float32 products exactly rounded (1e-6 of sum |x w|), or bf16 dot products (the
     # code values rounded to bf16, and float32 x rounded to bf16: 2^-8 of sum |x w|); then the
     # rounding to the output dtype. N=37 and 5 leave a partial tile; K=96 is not a multiple of the
-    # blocksize (the GEMV reads the flat bytes); double quantisation when m is odd.
+    # blocksize (the GEMV reads the flat bytes); double quantisation when m is odd; 70 rows run the
+    # fused kernel as a GEMM (row groups of 6, tiles in pairs) on AVX-512, decode + torch's GEMM
+    # elsewhere.
     g = torch.Generator().manual_seed(m + n)
     qw = ops.nf4_quantize(torch.randn(n, k, generator=g) * 0.05, blocksize=blocksize, double_quant=m % 2 == 1)
     x = torch.randn(m, k, generator=g).to(dtype)

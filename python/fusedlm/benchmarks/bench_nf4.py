@@ -11,10 +11,11 @@ Quick set:
     ``torch.matmul`` in x's dtype; the weight bandwidth (packed bytes + absmax per call) as a % of
     the read bandwidth probed right around it (``torch.sum`` over 1 GiB), and the time those bytes
     take at that bandwidth as a limit row;
-  * M=512, 4096->4096, bf16 x: fusedlm's tiled path vs dense bf16 ``torch.matmul``, with the peak
-    extra memory of each call (torch allocations beyond the output, from torch.profiler's memory
-    events) as a fraction of the fp32 weight's size, and ``x_best_dense`` = fusedlm time / the
-    faster of the dense fp32 and bf16 matmuls;
+  * prefill, M=128, 4096->4096, fp32 and bf16 x (M=512 bf16 too): fusedlm's NF4 matmul (a GEMM
+    over the tiles on AVX-512, decode + torch's GEMM on AVX2) vs the dense ``torch.matmul`` in x's
+    dtype and bitsandbytes' ``matmul_4bit``, with the peak extra memory of each call (torch
+    allocations beyond the output, from torch.profiler's memory events) as a fraction of the fp32
+    weight's size, and ``x_dense_same_dtype`` = fusedlm time / the dense matmul's in x's dtype;
   * quantisation of a 4096x4096 fp32 weight vs bitsandbytes ``quantize_4bit``, with the relative
     Frobenius error of dequant(quant(W)) of both.
 ``--full``: LLaMA-7B projection shapes (4096->4096, 4096->11008, 11008->4096): the GEMV (fp16 x
@@ -170,12 +171,9 @@ def _matmul_case(rows: list[Row], m: int, n: int, k: int, dtype: torch.dtype, *,
     else:
         rows.append(Row(SUITE, case, "bitsandbytes (not installed)", float("nan")))
     add("dequantise-then-matmul", lambda: x @ ops.nf4_dequantize(qw).to(dtype).T)
-    add("torch fp32 matmul (dense W)", lambda: x.float() @ w.T)
-    w_bf16 = w.bfloat16()
-    x_bf16 = x.bfloat16()
-    add("torch bf16 matmul (dense W)", lambda: x_bf16 @ w_bf16.T)
-    dense = [r.ms for r in rows[-2:]]
-    ours.extra["x_best_dense"] = ms / min(dense)  # fusedlm time / the faster dense matmul
+    w_dense = w.to(dtype)
+    add(f"torch {str(dtype).removeprefix('torch.')} matmul (dense W)", lambda: x @ w_dense.T)
+    ours.extra["x_dense_same_dtype"] = ms / rows[-1].ms  # fusedlm time / the dense matmul's in x's dtype
 
 
 def _quantize_case(rows: list[Row], n: int, k: int, bnb_mods):
@@ -207,12 +205,15 @@ def run(full: bool = False) -> list[Row]:
         if full:
             _gemv_case(rows, n, k, torch.float16, bnb_mods=bnb_mods)
     if not full:
+        for dtype in (torch.float32, torch.bfloat16):
+            _matmul_case(rows, 128, 4096, 4096, dtype, bnb_mods=bnb_mods, memory=False)
         _matmul_case(rows, 512, 4096, 4096, torch.bfloat16, bnb_mods=bnb_mods, memory=True)
         _quantize_case(rows, 4096, 4096, bnb_mods)
         return rows
     for n, k in shapes:
         for m in (8, 128, 512):
-            _matmul_case(rows, m, n, k, torch.bfloat16, bnb_mods=bnb_mods, memory=m >= 128)
+            for dtype in (torch.float32, torch.bfloat16):
+                _matmul_case(rows, m, n, k, dtype, bnb_mods=bnb_mods, memory=m >= 128)
     _quantize_case(rows, 4096, 4096, bnb_mods)
     _quantize_case(rows, 11008, 4096, bnb_mods)
     return rows

@@ -12,16 +12,18 @@ data; the matmuls receive the absmax it stands for (float32, undone once per cal
 
 ``nf4_matmul`` backends:
 
-* ``cpu``: up to :data:`CPU_GEMV_MAX_ROWS` rows of x, a fused GEMV over the weight's tiles
-  (:meth:`NF4Weight.cpu_tiles`: rows interleaved 16 at a time with their absmax, made once and
-  cached), so that each thread streams one contiguous run of memory and every 64-byte load feeds
-  16 rows: a 16-entry ``vpermps`` lookup per nibble position (two 8-entry ones + blend on AVX2)
-  and an FMA with x broadcast, or, with bf16 dot products (below), ``vpermw`` + ``vdpbf16ps`` on
-  16-row x 2-element pairs; weights with ``K % blocksize != 0`` are read from the flat bytes. Above
-  that many rows, a tiled path that decodes :data:`CPU_TILE_BYTES` of W at a time (bf16 for bf16 x,
-  else float32) and multiplies each tile with torch's GEMM, so the extra memory is one tile, never
-  the whole weight. Needs K % 32 == 0; other K fall back to ``reference`` (with a one-time warning)
-  or raise when cpu is forced.
+* ``cpu``: a fused kernel over the weight's tiles (:meth:`NF4Weight.cpu_tiles`: rows interleaved
+  16 at a time with their absmax, made once and cached), so that each thread streams one
+  contiguous run of memory and every 64-byte load feeds 16 rows: a 16-entry ``vpermps`` lookup per
+  nibble position (two 8-entry ones + blend on AVX2) and FMAs with x broadcast, or, with bf16 dot
+  products (below), ``vpermw`` + ``vdpbf16ps`` on 16-row x 2-element pairs; each decoded vector
+  serves up to 6 rows of x, so for many rows (prefill) it is a GEMM. Weights with
+  ``K % blocksize != 0`` are read from the flat bytes, up to :data:`CPU_GEMV_MAX_ROWS` rows. Where
+  the fused kernel does not run (see :data:`CPU_FUSED_MAX_ROWS_AVX2`), a tiled path decodes
+  :data:`CPU_TILE_BYTES` of W at a time (bf16 for bf16 x on avx512_bf16, else float32) and
+  multiplies each tile with torch's GEMM, so the extra memory is one tile, never the whole
+  weight. Needs K % 32 == 0; other K fall back to ``reference`` (with a one-time warning) or raise
+  when cpu is forced.
 * ``triton``: a GEMV for up to 8 rows (split-K when there are few output tiles) and a tiled
   ``tl.dot`` GEMM, both decoding W tile by tile from the flat layout: any K.
 * ``cuda``: the decode GEMV (one warp per output feature and row of x, 16-byte loads, float32
@@ -331,7 +333,7 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     Accumulates in float32 and returns x.dtype. The reference path dequantises; the fused
     kernels never materialise the float weight.
 
-    Numerics of the cpu GEMV (up to :data:`CPU_GEMV_MAX_ROWS` rows of x): the products of x and
+    Numerics of the cpu backend's fused kernel: the products of x and
     the exact dequantised weights, summed in float32 (the float32 bounds of bitsandbytes'
     ``test_gemv_4bit`` hold) -- except with bf16 dot products, taken on CPUs with avx512_bf16 for
     bfloat16 x, and for float32 x when ``torch.get_float32_matmul_precision()`` is ``"medium"``:
@@ -360,10 +362,14 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
 
 _matmul = Dispatcher("nf4_matmul")
 
-# Up to this many rows of x the CPU runs its fused GEMV (each weight byte is decoded once per 4
-# rows of x, in registers); above it, the tiled path decodes one tile of rows of W at a time and
-# multiplies it with torch's GEMM.
+# Up to this many rows of x the CPU runs its fused kernel whatever the weight; above it, the
+# fused kernel if the weight has tiles (NF4Weight.cpu_tiles) and the SIMD level has 32 vector
+# registers (AVX-512: there it is a GEMM at the FMA / bf16 dot rate, measured 1.0-1.6x torch's
+# float32 GEMM and 0.9-1.0x its bf16 one), else the tiled path: decode one tile of rows of W at a
+# time and multiply it with torch's GEMM (on AVX2, from 64 rows on the fused kernel's lookups cost
+# more than decoding W once).
 CPU_GEMV_MAX_ROWS = 16
+CPU_FUSED_MAX_ROWS_AVX2 = 64
 CPU_TILE_BYTES = 8 << 20  # size of one decoded tile of W on the tiled path (smaller tiles starve the GEMM)
 
 
@@ -401,7 +407,12 @@ def _cpu_matmul_supports(k: int, **facts) -> str | None:
 @_matmul.register("cpu", supports=_cpu_matmul_supports)
 def _matmul_cpu(a: Nf4MatmulInputs):
     x2 = _rows(a)
-    out = _gemv(x2, a) if x2.shape[0] <= CPU_GEMV_MAX_ROWS else _matmul_tiled(x2, a)
+    m = x2.shape[0]
+    if a.tiles is not None:
+        fused = m <= CPU_FUSED_MAX_ROWS_AVX2 or cpu_module().active_isa().startswith("avx512")
+    else:
+        fused = m <= CPU_GEMV_MAX_ROWS
+    out = _gemv(x2, a) if fused else _matmul_tiled(x2, a)
     return out.view(*a.x.shape[:-1], a.shape[0])
 
 
