@@ -82,10 +82,16 @@ class NF4Weight:
         return math.prod(self.shape)
 
     def float_absmax(self) -> torch.Tensor:
-        """Per-block scales as float32, undoing double quantisation if it was applied."""
+        """Per-block scales as float32, undoing double quantisation if it was applied (decoded once
+        and cached, like :meth:`cpu_tiles`)."""
         if self.nested_absmax is None:
             return self.absmax
-        return ref.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        if torch.compiler.is_compiling():
+            return ref.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        cache = self._cache()
+        if "float_absmax" not in cache:
+            cache["float_absmax"] = ref.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        return cache["float_absmax"]
 
     def cpu_tiles(self) -> torch.Tensor | None:
         """The weight laid out as the CPU GEMV streams it: rows interleaved in tiles of 16 with their
@@ -99,17 +105,25 @@ class NF4Weight:
             return None
         if torch.compiler.is_compiling():
             return None
+        cache = self._cache()
+        if "tiles" not in cache:
+            n, k = self.shape
+            tiles = torch.empty((-(-n // 16), k // self.blocksize, self.blocksize * 8 + 64), dtype=torch.uint8)
+            _checks.launch("nf4_repack", "Nf4Args", tiles.device, data=self.data.contiguous().view(-1),
+                           absmax=self.float_absmax().contiguous(), blocksize=self.blocksize, tiles=tiles)
+            cache["tiles"] = tiles
+        return cache["tiles"]
+
+    def _cache(self) -> dict:
+        """What this weight derives once (float absmax, CPU tiles), dropped when data, absmax,
+        nested_absmax or offset change (another tensor, or the same written in place)."""
         sources = [t for t in (self.data, self.absmax, self.nested_absmax, self.offset) if t is not None]
         key = tuple((t.data_ptr(), t._version) for t in sources)
-        cached = self.__dict__.get("_cpu_tiles")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        n, k = self.shape
-        tiles = torch.empty((-(-n // 16), k // self.blocksize, self.blocksize * 8 + 64), dtype=torch.uint8)
-        _checks.launch("nf4_repack", "Nf4Args", tiles.device, data=self.data.contiguous().view(-1),
-                       absmax=self.float_absmax().contiguous(), blocksize=self.blocksize, tiles=tiles)
-        self.__dict__["_cpu_tiles"] = (key, tiles)
-        return tiles
+        cached = self.__dict__.get("_derived")
+        if cached is None or cached[0] != key:
+            cached = (key, {})
+            self.__dict__["_derived"] = cached
+        return cached[1]
 
     def to(self, device) -> "NF4Weight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
