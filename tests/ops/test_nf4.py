@@ -231,6 +231,18 @@ def test_cpu_tiles_are_cached_and_follow_the_weight():
     assert ops.nf4_quantize(torch.randn(8, 96), blocksize=64).cpu_tiles() is None  # K % blocksize != 0
 
 
+def test_a_weight_made_under_inference_mode_is_cached_too():
+    # inference tensors have no version counter: the cache keys on the tensors alone
+    with torch.inference_mode():
+        w = torch.randn(40, 128) * 0.05
+        qw = ops.nf4_quantize(w, blocksize=64, double_quant=True)
+        x = torch.randn(2, 128)
+        tiles = qw.cpu_tiles()
+        assert qw.cpu_tiles() is tiles and qw.float_absmax() is qw.float_absmax()
+        out = ops.nf4_matmul(x, qw)
+    torch.testing.assert_close(out, x @ ops.nf4_dequantize(qw).T, atol=1e-5, rtol=1e-5)
+
+
 def test_repack_checks_the_tiles_it_writes():
     qw = ops.nf4_quantize(torch.randn(20, 128), blocksize=64)
     for shape in [(2, 2, 575), (1, 2, 576), (2, 3, 576)]:

@@ -116,9 +116,11 @@ class NF4Weight:
 
     def _cache(self) -> dict:
         """What this weight derives once (float absmax, CPU tiles), dropped when data, absmax,
-        nested_absmax or offset change (another tensor, or the same written in place)."""
+        nested_absmax or offset change (another tensor, or the same written in place). Inference
+        tensors (made under ``torch.inference_mode``) have no version counter: for them only
+        another tensor is seen, not a write in place."""
         sources = [t for t in (self.data, self.absmax, self.nested_absmax, self.offset) if t is not None]
-        key = tuple((t.data_ptr(), t._version) for t in sources)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in sources)
         cached = self.__dict__.get("_derived")
         if cached is None or cached[0] != key:
             cached = (key, {})
