@@ -108,3 +108,19 @@ def test_state_dict_loads_into_bitsandbytes_and_back():
     fresh.load_state_dict(sd_bnb)
     x = torch.randn(2, 128)
     assert torch.equal(fresh(x), ours(x))
+
+
+def test_nf4linear_keeps_one_weight_object_and_its_tiles():
+    # what the NF4Weight derives once (CPU tiles, float32 absmax) must survive between forwards,
+    # and go when the buffers change
+    layer = fusedlm.NF4Linear.from_linear(torch.nn.Linear(64, 40), double_quant=True)
+    x = torch.randn(3, 64)
+    y = layer(x)
+    qw = layer.qweight
+    assert layer.qweight is qw and qw.cpu_tiles() is qw.cpu_tiles() and qw.float_absmax() is qw.float_absmax()
+    other = fusedlm.NF4Linear.from_linear(torch.nn.Linear(64, 40), double_quant=True)
+    layer.load_state_dict(other.state_dict())  # in place: same tensors, new contents
+    torch.testing.assert_close(layer(x), other(x))
+    assert not torch.equal(layer(x), y)
+    layer.weight = other.weight.clone()  # another tensor
+    assert layer.qweight is not qw

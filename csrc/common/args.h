@@ -18,6 +18,19 @@ struct Launch {
 };
 
 // ---- nf4: the layout and rounding rules are python/fusedlm/reference/nf4.py's ----
+// The CPU GEMV also reads the weight as tiles (nf4_repack writes them once per weight from the
+// bitsandbytes bytes, an in-memory cache): the rows in tiles of kNf4TileRows; per tile and per
+// block of a row (blocksize elements, K % blocksize == 0), blocksize / 8 groups of 64 bytes, then
+// the tile's 16 absmax of that block (float32). Group g of block b holds elements
+// k0 = b * blocksize + 8 g ... k0 + 7 of the 16 rows: 32-bit word r (little-endian) is row r, its
+// nibble j (bits 4j .. 4j + 3) the code index of element k0 + kNf4NibbleK[j]. Rows past N (the
+// last tile's padding) have absmax 0. One 64-byte load thus gives 16 rows x 8 elements, a lookup
+// per nibble position gives 16 rows of one element (or, per 16-bit half, the bf16 pairs
+// (k0 + 2i, k0 + 2i + 1)), and each thread streams one contiguous run of memory.
+constexpr int64_t kNf4TileRows = 16;
+constexpr int kNf4NibbleK[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+constexpr int64_t nf4_tile_block_bytes(int64_t blocksize) { return blocksize * kNf4TileRows / 2 + 4 * kNf4TileRows; }
+
 struct Nf4Args : Launch {
   View w;          // quantize: the n weights (F32, BF16 or F16), contiguous, any shape
   View data;       // U8, ceil(n / 2) packed bytes (element 2j: high nibble of byte j)
@@ -28,6 +41,10 @@ struct Nf4Args : Launch {
   View x;          // matmul: [M, K] (F32, BF16 or F16), unit stride along K, K % 32 == 0
   View bias;       // matmul: F32 [N], or absent
   View out;        // dequantize: n elements, contiguous; matmul: [M, N] contiguous (x's dtype)
+  View tiles;      // U8 [ceil(N / 16), K / blocksize, nf4_tile_block_bytes(blocksize)]: the weight as
+                   // tiles (repack: written; gemv: read instead of data and absmax when present)
+  bool bf16_dots = false;  // gemv, fp32 x: may be rounded to bf16 (torch's float32 matmul precision
+                           // is "medium"); bf16 x always is where the CPU has bf16 dot products
 };
 
 // ---- attention: masks, dropout recipe and edge cases are python/fusedlm/reference/attention.py's ----

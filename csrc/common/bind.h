@@ -58,11 +58,12 @@ inline void bind_views_and_args(py::module_& m) {
       .def(py::init(&make_view), py::arg("data"), py::arg("dtype"), py::arg("sizes"), py::arg("strides"))
       .def_property_readonly("shape", [](const View& v) { return std::vector<int64_t>(v.sizes, v.sizes + v.ndim); });
 
-  bind_args<Nf4Args>(m, "Nf4Args", "Arguments of nf4_quantize / nf4_dequantize / nf4_gemv (common/args.h).",
+  bind_args<Nf4Args>(m, "Nf4Args", "Arguments of nf4_quantize / nf4_dequantize / nf4_repack / nf4_gemv (common/args.h).",
                      field("w", &Nf4Args::w), field("data", &Nf4Args::data), field("absmax", &Nf4Args::absmax),
                      field("code", &Nf4Args::code), field("midpoints", &Nf4Args::midpoints),
                      field("blocksize", &Nf4Args::blocksize), field("x", &Nf4Args::x), field("bias", &Nf4Args::bias),
-                     field("out", &Nf4Args::out));
+                     field("out", &Nf4Args::out), field("tiles", &Nf4Args::tiles),
+                     field("bf16_dots", &Nf4Args::bf16_dots));
 
   bind_args<AttentionArgs>(
       m, "AttentionArgs", "Arguments of attention_forward / attention_backward (common/args.h).",

@@ -36,7 +36,24 @@ inline void check_nf4_dequantize(const Nf4Args& a) {
   check_contiguous(a.code, "code", {DType::F32}, {16});
 }
 
-// out = x @ W^T + bias for the NF4 weight W [N, K] (data, absmax)
+// The tiles of the weight [N, K] (common/args.h: Nf4Args), as repack writes and gemv reads them.
+inline void check_nf4_tiles(const Nf4Args& a, int64_t N, int64_t K) {
+  require(K % a.blocksize == 0, "the tiles need K % blocksize == 0, got K=" + std::to_string(K));
+  check_contiguous(a.tiles, "tiles", {DType::U8},
+                   {(N + kNf4TileRows - 1) / kNf4TileRows, K / a.blocksize, nf4_tile_block_bytes(a.blocksize)});
+}
+
+// data, absmax -> tiles, for the weight [N, K] with K = tiles.size(1) * blocksize
+inline void check_nf4_repack(const Nf4Args& a) {
+  require(static_cast<bool>(a.tiles) && a.tiles.ndim == 3, "tiles must be a 3-D view");
+  const int64_t K = a.tiles.size(1) * a.blocksize;
+  require(K > 0 && a.data.numel() * 2 % K == 0, "data must hold whole rows of K=" + std::to_string(K) + " elements");
+  const int64_t N = a.data.numel() * 2 / K;
+  check_nf4_blocks(a, N * K);
+  check_nf4_tiles(a, N, K);
+}
+
+// out = x @ W^T + bias for the NF4 weight W [N, K] (data, absmax, or the tiles)
 inline void check_nf4_gemv(const Nf4Args& a) {
   check_view(a.x, "x", kFloatTypes, {-1, -1});
   const int64_t M = a.x.size(0), K = a.x.size(1);
@@ -44,7 +61,13 @@ inline void check_nf4_gemv(const Nf4Args& a) {
   require(K % 32 == 0, "K must be a multiple of 32, got " + std::to_string(K));
   check_contiguous(a.out, "out", {a.x.dtype}, {M, -1});
   const int64_t N = a.out.size(1);
-  check_nf4_blocks(a, N * K);
+  if (a.tiles) {
+    require(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
+            "blocksize must be a power of two in [32, 4096], got " + std::to_string(a.blocksize));
+    check_nf4_tiles(a, N, K);
+  } else {
+    check_nf4_blocks(a, N * K);
+  }
   check_contiguous(a.code, "code", {DType::F32}, {16});
   if (a.bias) check_contiguous(a.bias, "bias", {DType::F32}, {N});
 }

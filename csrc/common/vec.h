@@ -19,16 +19,17 @@
 //         round (to nearest even), to_int (rounded), trunc_int, as_int / from_int (bit casts);
 //         zip(a, b, lo, hi): lo = a0 b0 a1 b1 ..., hi = the second halves interleaved.
 //         sum_lanes(x[W]): lane j = the sum of the lanes of x[j].
-//   IVec  W int32 lanes. IVec(x), iota(); load_u8(p) (W bytes widened), load_u16(p), store(p),
+//   IVec  W int32 lanes. IVec(x), iota(); load(p) (4W bytes), load_u8(p) (W bytes widened), load_u16(p), store(p),
 //         store_u16(p) (lanes in [0, 65535]); + - & | ^; shl<N>, shr<N> (logical); min, max;
 //         == and > give a Mask; select(m, a, b); to_float; mul_wide(a, m, hi, lo): the 64-bit
 //         unsigned products a * m split into words.
 //   Mask  W booleans. first(n) (lanes < n); & | ~; any(); bits() (lane i = bit i).
-//   Lut16 a 16-entry float table times a scale, looked up by the low 4 bits of each IVec lane.
-//   BVec  W pairs of bf16: load(p), broadcast_pair(p); dot2(acc, a, b) = acc + a.even b.even +
+//   Lut16 a 16-entry float table times a scale, looked up by the low 4 bits of each IVec lane
+//         (lookup), or by nibble J of each lane (lookup_nibble<J>: bits 4J .. 4J + 3).
+//   BVec  W pairs of bf16: load(p) (4W bytes), broadcast_pair(p); dot2(acc, a, b) = acc + a.even b.even +
 //         a.odd b.odd in float32: one vdpbf16ps with kNativeBf16, emulated (two FMAs) elsewhere.
-//         As 2W 16-bit lanes: load_u8(p) (2W bytes widened), high_nibbles, low_nibbles, and
-//         BLut16, a 16-entry table rounded to bf16 (vpermw on AVX-512, through memory elsewhere).
+//         As 2W 16-bit lanes: shr<N> (logical), and BLut16, a 16-entry table rounded to bf16,
+//         looked up by the low 4 bits of each lane (vpermw on AVX-512, through memory elsewhere).
 // and, written once over those in vec_common.h: exp, dtype-generic loads/stores (load_as /
 // store_as) and float-buffer helpers.
 //
@@ -45,6 +46,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "common/cpu_features.h"
 #include "common/dtype.h"

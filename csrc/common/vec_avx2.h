@@ -31,6 +31,7 @@ struct IVec {
   IVec(__m256i x) : v(x) {}
   explicit IVec(int32_t x) : v(_mm256_set1_epi32(x)) {}
   static IVec iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static IVec load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static IVec load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static IVec load_u16(const uint16_t* p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   void store(int32_t* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
@@ -171,25 +172,24 @@ inline void mul_wide(IVec a, uint32_t m, IVec& hi, IVec& lo) {
 // W pairs of bf16 (16 lanes): the operands of dot2, emulated in float32 (no native bf16 dot).
 struct BVec {
   __m256i v;
-  static BVec load(const uint16_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+  static BVec load(const void* p) { return {_mm256_loadu_si256(static_cast<const __m256i*>(p))}; }
   static BVec broadcast_pair(const uint16_t* p) {
     int32_t pair;
     std::memcpy(&pair, p, sizeof(pair));
     return {_mm256_set1_epi32(pair)};
   }
-  static BVec load_u8(const uint8_t* p) {  // 2W bytes, one per 16-bit lane
-    return {_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
-  }
 };
-inline BVec high_nibbles(BVec b) { return {_mm256_srli_epi16(b.v, 4)}; }
-inline BVec low_nibbles(BVec b) { return {_mm256_and_si256(b.v, _mm256_set1_epi16(0xF))}; }
+template <int N>
+inline BVec shr(BVec b) {  // each 16-bit lane shifted right by N
+  return {_mm256_srli_epi16(b.v, N)};
+}
 
-// A 16-entry table times a scale, rounded to bf16, looked up by the low 4 bits of 16-bit lanes
-// (through memory: AVX2 has no 16-bit permute; the NF4 GEMV takes this path only with avx512bf16).
+// A 16-entry table rounded to bf16, looked up by the low 4 bits of 16-bit lanes (through memory:
+// AVX2 has no 16-bit permute; the NF4 GEMV takes this path only with avx512bf16).
 struct BLut16 {
   uint16_t t[16];
-  BLut16(const float* table, float scale) {
-    for (int i = 0; i < 16; ++i) t[i] = float_to_bf16(table[i] * scale);
+  explicit BLut16(const float* table) {
+    for (int i = 0; i < 16; ++i) t[i] = float_to_bf16(table[i]);
   }
   BVec lookup(BVec index) const {
     alignas(32) uint16_t lane[16];
@@ -213,9 +213,17 @@ struct Lut16 {
   Lut16(const float* table, float scale)
       : lo(_mm256_mul_ps(_mm256_loadu_ps(table), _mm256_set1_ps(scale))),
         hi(_mm256_mul_ps(_mm256_loadu_ps(table + 8), _mm256_set1_ps(scale))) {}
-  Vec lookup(IVec index) const {
-    const __m256 a = _mm256_permutevar8x32_ps(lo, index.v), b = _mm256_permutevar8x32_ps(hi, index.v);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(index.v, 28)));
+  Vec lookup(IVec index) const { return pick(index.v, _mm256_slli_epi32(index.v, 28)); }
+  template <int J>
+  Vec lookup_nibble(IVec v) const {  // the entry of nibble J (bits 4J .. 4J + 3) of each lane
+    return pick(_mm256_srli_epi32(v.v, 4 * J), _mm256_slli_epi32(v.v, 28 - 4 * J));
+  }
+
+ private:
+  // index: the entry in the low 3 bits; half: bit 31 set for the upper half
+  Vec pick(__m256i index, __m256i half) const {
+    const __m256 a = _mm256_permutevar8x32_ps(lo, index), b = _mm256_permutevar8x32_ps(hi, index);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(half));
   }
 };
 

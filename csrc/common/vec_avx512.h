@@ -33,6 +33,7 @@ struct IVec {
   IVec(__m512i x) : v(x) {}
   explicit IVec(int32_t x) : v(_mm512_set1_epi32(x)) {}
   static IVec iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static IVec load(const void* p) { return _mm512_loadu_si512(p); }
   static IVec load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static IVec load_u16(const uint16_t* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   void store(int32_t* p) const { _mm512_storeu_si512(p, v); }
@@ -132,6 +133,10 @@ struct Lut16 {  // vpermps reads the low 4 bits of each index
   __m512 t;
   Lut16(const float* table, float scale) : t(_mm512_mul_ps(_mm512_loadu_ps(table), _mm512_set1_ps(scale))) {}
   Vec lookup(IVec index) const { return _mm512_permutexvar_ps(index.v, t); }
+  template <int J>
+  Vec lookup_nibble(IVec v) const {  // the entry of nibble J (bits 4J .. 4J + 3) of each lane
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(v.v, 4 * J), t);
+  }
 };
 
 // Lane j = the sum of the lanes of x[j]: three rounds of pairwise adds, each halving the partial
@@ -161,25 +166,26 @@ inline void mul_wide(IVec a, uint32_t m, IVec& hi, IVec& lo) {
 // 16 pairs of bf16 (32 lanes): the operands of dot2 (vdpbf16ps with avx512bf16, else float32).
 struct BVec {
   __m512i v;
-  static BVec load(const uint16_t* p) { return {_mm512_loadu_si512(p)}; }
+  static BVec load(const void* p) { return {_mm512_loadu_si512(p)}; }
   static BVec broadcast_pair(const uint16_t* p) {  // (p[0], p[1]) in every pair
     int32_t pair;
     std::memcpy(&pair, p, sizeof(pair));
     return {_mm512_set1_epi32(pair)};
   }
-  static BVec load_u8(const uint8_t* p) {  // 2W bytes, one per 16-bit lane
-    return {_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
-  }
 };
-inline BVec high_nibbles(BVec b) { return {_mm512_srli_epi16(b.v, 4)}; }
-inline BVec low_nibbles(BVec b) { return {_mm512_and_si512(b.v, _mm512_set1_epi16(0xF))}; }
+template <int N>
+inline BVec shr(BVec b) {  // each 16-bit lane shifted right by N
+  return {_mm512_srli_epi16(b.v, N)};
+}
 
-// A 16-entry table times a scale, rounded to bf16, looked up by the low 4 bits of 16-bit lanes
-// (vpermw reads 5 bits: entries 16-31 are zeros, so an index must be below 16).
+// A 16-entry table rounded to bf16, looked up by the low 4 bits of 16-bit lanes (the others
+// ignored): vpermw reads 5 bits, so entries 16-31 repeat entries 0-15.
 struct BLut16 {
   __m512i t;
-  BLut16(const float* table, float scale)
-      : t(_mm512_castsi256_si512((Vec::load(table) * Vec(scale)).to_bf16())) {}
+  explicit BLut16(const float* table) {
+    const __m256i half = Vec::load(table).to_bf16();
+    t = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+  }
   BVec lookup(BVec index) const { return {_mm512_permutexvar_epi16(index.v, t)}; }
 };
 // acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], products and sums in float32.

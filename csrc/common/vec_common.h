@@ -51,6 +51,21 @@ inline Vec exp_nonpositive(Vec x) {
   return exp2_nonpositive<Degree>(x * Vec(kLog2e));
 }
 
+// Asks for the cache line at p ahead of a streaming read that uses it once (prefetchnta on x86:
+// it does not evict what the caches hold for longer). Never faults, whatever p is.
+inline void prefetch_stream(const void* p) { __builtin_prefetch(p, 0, 0); }
+
+// f(std::integral_constant<int, i>{}) for i = 0 .. N - 1, unrolled: i is a compile-time constant
+// in each call (a shift count, a register index).
+template <class F, int... I>
+inline void unroll_sequence(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void unroll(F&& f) {
+  unroll_sequence(f, std::make_integer_sequence<int, N>{});
+}
+
 // Loops over the elements [0, len) of a row W lanes at a time: step(i, Full{}) for every whole
 // step, then step(i, Part{n}) once for the last n < W elements, if any. The load / store / live
 // overloads below take either, so a loop body is written once while whole steps use plain

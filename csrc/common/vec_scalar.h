@@ -62,6 +62,11 @@ struct IVec {
     for (int i = 0; i < kLanes; ++i) r.v[i] = i;
     return r;
   }
+  static IVec load(const void* p) {
+    IVec r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
   static IVec load_u8(const uint8_t* p) {
     IVec r;
     for (int i = 0; i < kLanes; ++i) r.v[i] = p[i];
@@ -271,7 +276,7 @@ inline void mul_wide(IVec a, uint32_t m, IVec& hi, IVec& lo) {
 // W pairs of bf16 (2W lanes): the operands of dot2. Native on avx512bf16 only; here in float32.
 struct BVec {
   uint16_t v[2 * kLanes];
-  static BVec load(const uint16_t* p) {
+  static BVec load(const void* p) {
     BVec r;
     std::memcpy(r.v, p, sizeof(r.v));
     return r;
@@ -281,26 +286,18 @@ struct BVec {
     for (int i = 0; i < kLanes; ++i) r.v[2 * i] = p[0], r.v[2 * i + 1] = p[1];
     return r;
   }
-  static BVec load_u8(const uint8_t* p) {  // 2W bytes, one per 16-bit lane
-    BVec r;
-    for (int i = 0; i < 2 * kLanes; ++i) r.v[i] = p[i];
-    return r;
-  }
 };
-inline BVec high_nibbles(BVec b) {
-  for (uint16_t& x : b.v) x = static_cast<uint16_t>(x >> 4);
-  return b;
-}
-inline BVec low_nibbles(BVec b) {
-  for (uint16_t& x : b.v) x = static_cast<uint16_t>(x & 0xF);
+template <int N>
+inline BVec shr(BVec b) {  // each 16-bit lane shifted right by N
+  for (uint16_t& x : b.v) x = static_cast<uint16_t>(x >> N);
   return b;
 }
 
-// A 16-entry table times a scale, rounded to bf16, looked up by the low 4 bits of 16-bit lanes.
+// A 16-entry table rounded to bf16, looked up by the low 4 bits of 16-bit lanes (the others ignored).
 struct BLut16 {
   uint16_t t[16];
-  BLut16(const float* table, float scale) {
-    for (int i = 0; i < 16; ++i) t[i] = float_to_bf16(table[i] * scale);
+  explicit BLut16(const float* table) {
+    for (int i = 0; i < 16; ++i) t[i] = float_to_bf16(table[i]);
   }
   BVec lookup(BVec index) const {
     for (uint16_t& x : index.v) x = t[x & 15];
@@ -323,6 +320,10 @@ struct Lut16 {
     Vec r;
     for (int i = 0; i < kLanes; ++i) r.v[i] = t[index.v[i] & 15];
     return r;
+  }
+  template <int J>
+  Vec lookup_nibble(IVec v) const {  // the entry of nibble J (bits 4J .. 4J + 3) of each lane
+    return lookup(shr<4 * J>(v));
   }
 };
 

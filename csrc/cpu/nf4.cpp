@@ -19,6 +19,7 @@ namespace {
 struct Kernels {  // the entry kernels of one ISA level (the last line of nf4_kernels.h)
   void (*quantize)(const Nf4Args&);
   void (*dequantize)(const Nf4Args&);
+  void (*repack)(const Nf4Args&);
   void (*gemv)(const Nf4Args&);
 };
 }  // namespace
@@ -37,6 +38,11 @@ void nf4_quantize(const Nf4Args& a) {
 void nf4_dequantize(const Nf4Args& a) {
   check_nf4_dequantize(a);
   active_kernels().dequantize(a);
+}
+
+void nf4_repack(const Nf4Args& a) {
+  check_nf4_repack(a);
+  active_kernels().repack(a);
 }
 
 void nf4_gemv(const Nf4Args& a) {

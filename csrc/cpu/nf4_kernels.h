@@ -104,7 +104,96 @@ void dequantize(const Nf4Args& a) {
   }
 }
 
-// ---- GEMV ---------------------------------------------------------------------------------
+// ---- repack: the tiles the GEMV streams (common/args.h: Nf4Args) ----------------------------
+
+// The code index of element e of the flat weight (element 2j: the high nibble of byte j).
+inline int nf4_index(const uint8_t* data, int64_t e) { return e % 2 == 0 ? data[e / 2] >> 4 : data[e / 2] & 0xF; }
+
+void repack(const Nf4Args& a) {
+  const int64_t blocksize = a.blocksize, n_blocks = a.tiles.size(1), K = n_blocks * blocksize;
+  const int64_t N = a.data.numel() * 2 / K, n_tiles = a.tiles.size(0), record = a.tiles.size(2);
+  const uint8_t* data = a.data.ptr<const uint8_t>();
+  const float* absmax = a.absmax.ptr<const float>();
+  parallel_for(n_tiles, a.num_threads, [&](int64_t t) {
+    uint8_t* out = a.tiles.ptr<uint8_t>() + t * n_blocks * record;
+    for (int64_t b = 0; b < n_blocks; ++b, out += record) {
+      for (int64_t g = 0; g < blocksize / 8; ++g) {
+        const int64_t k0 = b * blocksize + 8 * g;
+        for (int64_t r = 0; r < kNf4TileRows; ++r) {
+          const int64_t n = t * kNf4TileRows + r;
+          uint32_t word = 0;
+          for (int j = 0; n < N && j < 8; ++j) word |= static_cast<uint32_t>(nf4_index(data, n * K + k0 + kNf4NibbleK[j])) << (4 * j);
+          for (int byte = 0; byte < 4; ++byte) out[64 * g + 4 * r + byte] = static_cast<uint8_t>(word >> (8 * byte));
+        }
+      }
+      float scales[kNf4TileRows];
+      for (int64_t r = 0; r < kNf4TileRows; ++r) {
+        const int64_t n = t * kNf4TileRows + r;
+        scales[r] = n < N ? absmax[n * n_blocks + b] : 0.0f;  // padding rows: 0, whatever their nibbles
+      }
+      std::memcpy(out + 8 * blocksize, scales, sizeof(scales));
+    }
+  });
+}
+
+// ---- GEMV / GEMM on the tiles (the kernels: cpu/nf4_tiles.h) ------------------------------
+#include "cpu/nf4_tiles.h"
+
+void gemv_tiles(const Nf4Args& a) {
+  const int64_t M = a.x.size(0), K = a.x.size(1), N = a.out.size(1), stride_xm = a.x.stride(0);
+  const int64_t n_tiles = a.tiles.size(0), tile_bytes = a.tiles.size(1) * a.tiles.size(2);
+  const bool bf16 = kNativeBf16 && (a.x.dtype == DType::BF16 || (a.x.dtype == DType::F32 && a.bf16_dots));
+  // x once per call, rows K apart: as bf16 for bf16 dot products, else float32.
+  std::vector<uint16_t> xb(bf16 ? static_cast<size_t>(M * K) : 0);
+  std::vector<float> xf(bf16 ? 0 : static_cast<size_t>(M * K));
+  parallel_for(M, a.num_threads, [&](int64_t m) {
+    const void* row = static_cast<const char*>(a.x.data) + m * stride_xm * dtype_size(a.x.dtype);
+    if (bf16) {
+      for_chunks(K, [&](int64_t i, auto c) { store_as<DType::BF16>(xb.data() + m * K, i, load_any(row, a.x.dtype, i, c), c); });
+    } else {
+      widen_row(row, a.x.dtype, K, xf.data() + m * K);
+    }
+  });
+  const float* code = a.code.ptr<const float>();
+  const float* bias = a.bias.ptr<const float>();
+  // Blocks of rows of x of about 1 MiB (they stay in each core's L2 while the tiles stream past);
+  // per block, few long runs of tiles per thread (the stream prefetchers restart at every jump),
+  // still several per thread for balance. A few rows (decode) take one tile at a time: one
+  // stream; so does float32, whose FMA chains already outnumber the lookups (two tiles per pass
+  // measured slower there on Zen 4).
+  const int tiles_per_pass = M >= kMostRows && bf16 ? kMostTiles : 1;
+  const int64_t x_block = std::max<int64_t>(kMostRows, (1 << 20) / (K * (bf16 ? 2 : 4)) / kMostRows * kMostRows);
+  const Tasks row_blocks(M, x_block), runs(n_tiles, n_tiles / (8 * std::max(a.num_threads, 1)) / tiles_per_pass * tiles_per_pass);
+  parallel_for(row_blocks.count * runs.count, a.num_threads, [&](int64_t task) {
+    const int64_t block = task / runs.count, run = task % runs.count;
+    const Lut16 table(code, 1.0f);
+    const BLut16 table16(code);
+    float sums[kMostRows][kNf4TileRows * kMostTiles];
+    for (int64_t t = runs.begin(run); t < runs.end(run, n_tiles); t += tiles_per_pass) {
+      const int64_t tiles = std::min<int64_t>(tiles_per_pass, runs.end(run, n_tiles) - t);
+      const uint8_t* tile = a.tiles.ptr<const uint8_t>() + t * tile_bytes;
+      const int64_t n0 = t * kNf4TileRows, live = std::min(kNf4TileRows * tiles, N - n0);
+      for (int64_t m0 = row_blocks.begin(block); m0 < row_blocks.end(block, M); m0 += kMostRows) {
+        const int64_t rows = std::min<int64_t>(kMostRows, row_blocks.end(block, M) - m0);
+        for (int64_t m = 0; m < rows; ++m) std::fill(sums[m], sums[m] + kNf4TileRows * tiles, 0.0f);
+        with_constant<kMostRows>(rows, [&](auto mt) {
+          with_constant<kMostTiles>(tiles, [&](auto nt) {
+            constexpr int MT = decltype(mt)::value, NT = decltype(nt)::value;
+            if constexpr (kNativeBf16) {
+              if (bf16) return tiles_bf16<MT, NT>(xb.data() + m0 * K, K, tile, tile_bytes, a.blocksize, table16, sums);
+            }
+            tiles_f32<MT, NT>(xf.data() + m0 * K, K, tile, tile_bytes, a.blocksize, table, sums);
+          });
+        });
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t r = 0; r < live; ++r)
+            store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n0 + r, sums[m][r] + (bias ? bias[n0 + r] : 0.0f));
+      }
+    }
+  });
+}
+
+// ---- GEMV on the flat bytes (weights without tiles: K % blocksize != 0) ----------------------
 // xs: x in float32, reordered per chunk as its W even elements then its W odd ones, so that a
 // decoded chunk meets two contiguous loads. Row m of xs starts at m * K.
 
@@ -144,108 +233,36 @@ void gemv_row(const float* xs, int64_t K, const uint8_t* data, const float* absm
   }
 }
 
-// bf16 x where the CPU has native bf16 dot products: 4W weights (2W bytes) per chunk, decoded
-// straight to bf16 through the block's table rounded to bf16 (BLut16, as precise as the bf16 x it
-// meets) and multiplied in pairs by dot2 with float32 accumulation: half the work per weight of
-// the float32 path. xb: per chunk, the even elements then the odd ones, each as the pairs dot2
-// multiplies: (x[4i], x[4i+2]) and (x[4i+1], x[4i+3]).
-constexpr int64_t kChunk16 = 4 * W;
-
-template <int MT>
-void gemv_row_bf16(const uint16_t* xb, int64_t K, const uint8_t* data, const float* absmax, const float* code,
-                   int64_t flat0, int64_t blocksize, float* sums) {
-  constexpr int U = 2;
-  Vec acc[MT][2 * U];
-  for (auto& row : acc)
-    for (Vec& v : row) v = Vec::zero();
-  const uint8_t* row_data = data + flat0 / 2;
-  int64_t block = flat0 / blocksize;
-  for (int64_t c = 0; c < K; ++block) {
-    const int64_t segment_end = std::min(K, (block + 1) * blocksize - flat0);
-    const BLut16 table(code, absmax[block]);
-    auto step = [&](auto chunks) {
-      for (int u = 0; u < decltype(chunks)::value; ++u) {
-        const BVec bytes = BVec::load_u8(row_data + (c + u * kChunk16) / 2);
-        const BVec even = table.lookup(high_nibbles(bytes)), odd = table.lookup(low_nibbles(bytes));
-        for (int m = 0; m < MT; ++m) {
-          const uint16_t* xc = xb + m * K + c + u * kChunk16;
-          acc[m][2 * u] = dot2(acc[m][2 * u], even, BVec::load(xc));
-          acc[m][2 * u + 1] = dot2(acc[m][2 * u + 1], odd, BVec::load(xc + 2 * W));
-        }
-      }
-      c += decltype(chunks)::value * kChunk16;
-    };
-    while (c + U * kChunk16 <= segment_end) step(std::integral_constant<int, U>{});
-    while (c < segment_end) step(std::integral_constant<int, 1>{});
-  }
-  for (int m = 0; m < MT; ++m) {
-    Vec total = acc[m][0];
-    for (int j = 1; j < 2 * U; ++j) total = total + acc[m][j];
-    sums[m] = total.reduce_add();
-  }
-}
-
-void gemv(const Nf4Args& a) {
+void gemv_flat(const Nf4Args& a) {
   const int64_t M = a.x.size(0), K = a.x.size(1), N = a.out.size(1), stride_xm = a.x.stride(0);
-  const bool bf16_dots = kNativeBf16 && a.x.dtype == DType::BF16 && a.blocksize % kChunk16 == 0 && K % kChunk16 == 0;
-  std::vector<float> xs;
-  std::vector<uint16_t> xb;
-  if (bf16_dots) {  // the pairs gemv_row_bf16 multiplies
-    const uint16_t* x = a.x.ptr<const uint16_t>();
-    xb.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K; c += kChunk16)
-        for (int64_t i = 0; i < W; ++i)
-          for (int64_t t = 0; t < 2; ++t) {
-            xb[m * K + c + 2 * i + t] = x[m * stride_xm + c + 4 * i + 2 * t];
-            xb[m * K + c + 2 * W + 2 * i + t] = x[m * stride_xm + c + 4 * i + 2 * t + 1];
-          }
-  } else {  // float32, each chunk as its W even then its W odd elements
-    xs.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K; c += kChunk)
-        for (int64_t j = 0; j < W; ++j) {
-          xs[m * K + c + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j);
-          xs[m * K + c + W + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j + 1);
-        }
-  }
+  std::vector<float> xs(static_cast<size_t>(M * K));  // float32, each chunk as its W even then its W odd elements
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += kChunk)
+      for (int64_t j = 0; j < W; ++j) {
+        xs[m * K + c + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j);
+        xs[m * K + c + W + j] = load_as_float(a.x.data, a.x.dtype, m * stride_xm + c + 2 * j + 1);
+      }
   const uint8_t* data = a.data.ptr<const uint8_t>();
   const float* absmax = a.absmax.ptr<const float>();
   const float* code = a.code.ptr<const float>();
   const float* bias = a.bias.ptr<const float>();
-  // Rows of x in groups of 4: each chunk of W is decoded once per group.
-  auto row_group = [&](int64_t n, int64_t m0, int rows, float* sums) {
-    const int64_t flat0 = n * K;
-    if (bf16_dots) {
-      const uint16_t* x = xb.data() + m0 * K;
-      switch (rows) {
-        case 4: return gemv_row_bf16<4>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-        case 3: return gemv_row_bf16<3>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-        case 2: return gemv_row_bf16<2>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-        default: return gemv_row_bf16<1>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      }
-    }
-    const float* x = xs.data() + m0 * K;
-    switch (rows) {
-      case 4: return gemv_row<4>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      case 3: return gemv_row<3>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      case 2: return gemv_row<2>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-      default: return gemv_row<1>(x, K, data, absmax, code, flat0, a.blocksize, sums);
-    }
-  };
   const Tasks tasks(N, 16);
   parallel_for(tasks.count, a.num_threads, [&](int64_t task) {
     float sums[4];
     for (int64_t n = tasks.begin(task); n < tasks.end(task, N); ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int rows = static_cast<int>(std::min<int64_t>(4, M - m0));
-        row_group(n, m0, rows, sums);
-        for (int64_t m = 0; m < rows; ++m)
-          store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n, sums[m] + (bias ? bias[n] : 0.0f));
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // each chunk of W is decoded once per 4 rows of x
+        with_constant<4>(std::min<int64_t>(4, M - m0), [&](auto rows) {
+          constexpr int MT = decltype(rows)::value;
+          gemv_row<MT>(xs.data() + m0 * K, K, data, absmax, code, n * K, a.blocksize, sums);
+          for (int64_t m = 0; m < MT; ++m)
+            store_from_float(a.out.data, a.out.dtype, (m0 + m) * N + n, sums[m] + (bias ? bias[n] : 0.0f));
+        });
       }
     }
   });
 }
 
+void gemv(const Nf4Args& a) { return a.tiles ? gemv_tiles(a) : gemv_flat(a); }
+
 // This level's entry kernels, one row of the table in common/for_each_isa.h.
-constexpr Kernels kernels{quantize, dequantize, gemv};
+constexpr Kernels kernels{quantize, dequantize, repack, gemv};

@@ -12,7 +12,10 @@ namespace fusedlm::cpu {
 void nf4_quantize(const Nf4Args& args);
 // data, absmax -> out (out's dtype: F32, BF16 or F16).
 void nf4_dequantize(const Nf4Args& args);
-// out = x @ W^T + bias for the NF4 weight W [N, K] (data, absmax): the fused GEMV, for few rows of x.
+// data, absmax -> tiles: the weight in the layout the GEMV streams (common/args.h), once per weight.
+void nf4_repack(const Nf4Args& args);
+// out = x @ W^T + bias for the NF4 weight W [N, K] (the tiles, else data and absmax): the fused
+// GEMV, for few rows of x.
 void nf4_gemv(const Nf4Args& args);
 
 // ---- attention.cpp ----

@@ -6,6 +6,7 @@ with :func:`fusedlm.ops.nf4_matmul` (the weight is never dequantised as a whole)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -61,9 +62,17 @@ class NF4Linear(nn.Module):
 
     @property
     def qweight(self) -> NF4Weight:
-        """The weight as an :class:`NF4Weight` (views of this module's buffers)."""
-        return NF4Weight(self.weight, self.weight_absmax, self.blocksize, torch.Size((self.out_features, self.in_features)),
-                         self.weight_dtype, self.weight_nested_absmax, self.weight_offset)
+        """The weight as an :class:`NF4Weight` of this module's buffers: one object as long as they
+        are the same tensors, so that what it derives once (its CPU tiles, its float32 absmax) is
+        kept between calls."""
+        fields = (self.weight, self.weight_absmax, self.blocksize, torch.Size((self.out_features, self.in_features)),
+                  self.weight_dtype, self.weight_nested_absmax, self.weight_offset)
+        cached = self.__dict__.get("_qweight")
+        same = lambda a, b: a is b if isinstance(a, torch.Tensor) or a is None else a == b  # noqa: E731
+        if cached is None or not all(same(getattr(cached, f.name), v) for f, v in zip(dataclasses.fields(cached), fields)):
+            cached = NF4Weight(*fields)
+            self.__dict__["_qweight"] = cached
+        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.nf4_matmul(x, self.qweight, self.bias)

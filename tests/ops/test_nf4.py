@@ -146,6 +146,111 @@ def test_matmul_cpu_matches_reference(cpu_isa, m, n, k, blocksize, dtype):
     _check_matmul("cpu", m, n, k, blocksize, (m + blocksize) % 4 == 0, dtype, with_bias=(m % 2 == 1))
 
 
+def _bf16_dots(isa: str, dtype: torch.dtype, precision: str) -> bool:
+    """Whether the cpu GEMV multiplies in bf16 (ops/nf4.py: nf4_matmul's numerics)."""
+    return isa == "avx512_bf16" and (dtype == torch.bfloat16 or (dtype == torch.float32 and precision == "medium"))
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 16, 70])
+@pytest.mark.parametrize("n,k,blocksize", [(37, 256, 32), (16, 192, 64), (48, 4096, 4096), (5, 96, 64)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_gemv_against_the_exact_product(cpu_isa, m, n, k, blocksize, dtype, precision):
+    # Each output against the float64 product of x and the dequantised weight, to the bound of its
+    # numerics: float32 products exactly rounded (1e-6 of sum |x w|), or bf16 dot products (the
+    # code values rounded to bf16, and float32 x rounded to bf16: 2^-8 of sum |x w|); then the
+    # rounding to the output dtype. N=37 and 5 leave a partial tile; K=96 is not a multiple of the
+    # blocksize (the GEMV reads the flat bytes); double quantisation when m is odd; 70 rows run the
+    # fused kernel as a GEMM (row groups of 6, tiles in pairs) on AVX-512, decode + torch's GEMM
+    # elsewhere.
+    g = torch.Generator().manual_seed(m + n)
+    qw = ops.nf4_quantize(torch.randn(n, k, generator=g) * 0.05, blocksize=blocksize, double_quant=m % 2 == 1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g) if m > 1 else None
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with ops.use_backend("cpu"):
+            out = ops.nf4_matmul(x, qw, bias)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert (qw.cpu_tiles() is None) == (k % blocksize != 0)
+    w = ops.nf4_dequantize(qw).double()
+    exact = x.double() @ w.T + (0 if bias is None else bias.double())
+    scale = x.double().abs() @ w.abs().T
+    rel = 2.0**-8 if _bf16_dots(cpu_isa, dtype, precision) else 1e-6
+    out_rounding = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    assert out.dtype == dtype
+    err = (out.double() - exact).abs()
+    assert (err <= rel * scale + out_rounding * exact.abs() + 1e-30).all(), err.max()
+
+
+@pytest.mark.parametrize("kind", ["fc1", "fc2", "attn"])
+@pytest.mark.parametrize("dim", [256, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemv_within_the_bitsandbytes_bounds(cpu_isa, kind, dim, dtype):
+    # bitsandbytes' test_gemv_4bit: inputs, error measures (mean / mean relative / max absolute
+    # error, each averaged over 10 draws and divided by sqrt(dim)) and bounds for the activation
+    # dtype, here against the exact (float64) product with the dequantised weight. bf16 dot
+    # products (avx512_bf16) are held to the bf16 bounds, float32 x (exact products) to float32's.
+    g = torch.Generator().manual_seed(dim)
+    errs, relerrs, maxerrs = [], [], []
+    for _ in range(10):
+        rows, cols = {"fc1": (4 * dim, dim), "fc2": (dim, 4 * dim), "attn": (dim, dim)}[kind]
+        x = torch.randn(1, cols, generator=g).to(dtype)
+        qw = ops.nf4_quantize(torch.randn(rows, cols, generator=g) / dim**0.5)
+        with ops.use_backend("cpu"):
+            out = ops.nf4_matmul(x, qw).double()
+        exact = x.double() @ ops.nf4_dequantize(qw).double().T
+        err = (out - exact).abs()
+        errs.append(err.mean().item())
+        relerrs.append((err / (exact.abs() + 1e-5)).mean().item())
+        maxerrs.append(err.max().item())
+    err, relerr, maxerr = (sum(v) / len(v) / dim**0.5 for v in (errs, relerrs, maxerrs))
+    if dtype == torch.bfloat16:  # bitsandbytes' bounds for bf16, dim <= 512 and above
+        bounds = (6e-4, 0.007, 0.015) if dim <= 512 else (2e-4, 0.002, 0.0012)
+    else:
+        bounds = (5e-8, 1e-6, 1e-7) if dim <= 512 else (5e-8, 8e-6, 1e-7)
+    assert err < bounds[0] and relerr < bounds[1] and maxerr < bounds[2], (err, relerr, maxerr)
+
+
+def test_cpu_tiles_are_cached_and_follow_the_weight():
+    qw = ops.nf4_quantize(torch.randn(40, 128) * 0.05, blocksize=64)
+    x = torch.randn(2, 128)
+    tiles = qw.cpu_tiles()
+    assert tiles.shape == (3, 2, 64 * 8 + 64) and tiles.dtype == torch.uint8
+    assert qw.cpu_tiles() is tiles  # made once
+    before = ops.nf4_matmul(x, qw)
+    other = ops.nf4_quantize(torch.randn(40, 128) * 0.05, blocksize=64)
+    qw.data.copy_(other.data)  # in place: the tiles are made again
+    qw.absmax.copy_(other.absmax)
+    assert qw.cpu_tiles() is not tiles
+    torch.testing.assert_close(ops.nf4_matmul(x, qw), ops.nf4_matmul(x, other))
+    assert not torch.equal(before, ops.nf4_matmul(x, qw))
+    assert dataclasses.replace(qw).__dict__.get("_derived") is None  # a copy starts without
+    assert ops.nf4_quantize(torch.randn(8, 96), blocksize=64).cpu_tiles() is None  # K % blocksize != 0
+
+
+def test_a_weight_made_under_inference_mode_is_cached_too():
+    # inference tensors have no version counter: the cache keys on the tensors alone
+    with torch.inference_mode():
+        w = torch.randn(40, 128) * 0.05
+        qw = ops.nf4_quantize(w, blocksize=64, double_quant=True)
+        x = torch.randn(2, 128)
+        tiles = qw.cpu_tiles()
+        assert qw.cpu_tiles() is tiles and qw.float_absmax() is qw.float_absmax()
+        out = ops.nf4_matmul(x, qw)
+    torch.testing.assert_close(out, x @ ops.nf4_dequantize(qw).T, atol=1e-5, rtol=1e-5)
+
+
+def test_repack_checks_the_tiles_it_writes():
+    qw = ops.nf4_quantize(torch.randn(20, 128), blocksize=64)
+    for shape in [(2, 2, 575), (1, 2, 576), (2, 3, 576)]:
+        with pytest.raises(ValueError, match="tiles|whole rows"):
+            nf4_ops._checks.launch("nf4_repack", "Nf4Args", torch.device("cpu"), data=qw.data.view(-1), absmax=qw.absmax,
+                                   blocksize=64, tiles=torch.empty(shape, dtype=torch.uint8))
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("m", [1, 3, 17])

@@ -30,6 +30,7 @@ SUITES = {
     "peft": "bench_peft",
     "integrations": "bench_integrations",
     "generation": "bench_generation",
+    "decode": "bench_decode",
 }
 
 # --isa LEVEL caps fusedlm's kernels (FUSEDLM_MAX_ISA) and torch's the same way, so one machine

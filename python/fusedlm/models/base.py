@@ -29,8 +29,12 @@ class LanguageModel(nn.Module):
         return None if self.config.tie_embeddings else nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
 
     def _to_vocab(self, h: torch.Tensor, output: nn.Linear | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (..., V) of h (..., d) through `output` (from _output_layer), or the tied embedding."""
-        return F.linear(h, self.tok_embed.weight if output is None else output.weight, bias)
+        """Logits (..., V) of h (..., d) through `output` (from _output_layer), or the tied embedding.
+        h goes in as 2-D: the last position of a prompt (a (B, 1, d) slice whose strides do not fold
+        into rows) sends a 3-D F.linear to a batched matmul that copies the whole transposed weight
+        first (a 32000 x 2048 bf16 head: ~0.3 s per call)."""
+        weight = self.tok_embed.weight if output is None else output.weight
+        return F.linear(h.reshape(-1, h.shape[-1]), weight, bias).reshape(*h.shape[:-1], weight.shape[0])
 
     def _new_cache(self, n_layers: int, batch: int, max_len: int, **prefixes) -> KVCache:
         """A KVCache of n_layers in the embedding's dtype and device (prefixes: see KVCache)."""

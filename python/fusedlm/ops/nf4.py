@@ -12,14 +12,18 @@ data; the matmuls receive the absmax it stands for (float32, undone once per cal
 
 ``nf4_matmul`` backends:
 
-* ``cpu``: up to :data:`CPU_GEMV_MAX_ROWS` rows of x, a fused GEMV that streams the packed weight
-  once per 4 rows of x and decodes nibbles through the block-scaled code table in registers
-  (a 16-entry ``vpermps`` lookup on AVX-512, two 8-entry ones + blend on AVX2, then FMA, for
-  float32/float16 x; ``vpermw`` + ``vdpbf16ps`` for bfloat16 x on avx512_bf16, with the table
-  rounded to bfloat16; a scalar loop below AVX2); above that, a tiled path that decodes
-  :data:`CPU_TILE_BYTES` of W at a time (bf16 for bf16 x, else float32) and multiplies each tile
-  with torch's GEMM, so the extra memory is one tile, never the whole weight. Needs K % 32 == 0;
-  other K fall back to ``reference`` (with a one-time warning) or raise when cpu is forced.
+* ``cpu``: a fused kernel over the weight's tiles (:meth:`NF4Weight.cpu_tiles`: rows interleaved
+  16 at a time with their absmax, made once and cached), so that each thread streams one
+  contiguous run of memory and every 64-byte load feeds 16 rows: a 16-entry ``vpermps`` lookup per
+  nibble position (two 8-entry ones + blend on AVX2) and FMAs with x broadcast, or, with bf16 dot
+  products (below), ``vpermw`` + ``vdpbf16ps`` on 16-row x 2-element pairs; each decoded vector
+  serves up to 6 rows of x, so for many rows (prefill) it is a GEMM. Weights with
+  ``K % blocksize != 0`` are read from the flat bytes, up to :data:`CPU_GEMV_MAX_ROWS` rows. Where
+  the fused kernel does not run (see :data:`CPU_FUSED_MAX_ROWS_AVX2`), a tiled path decodes
+  :data:`CPU_TILE_BYTES` of W at a time (bf16 for bf16 x on avx512_bf16, else float32) and
+  multiplies each tile with torch's GEMM, so the extra memory is one tile, never the whole
+  weight. Needs K % 32 == 0; other K fall back to ``reference`` (with a one-time warning) or raise
+  when cpu is forced.
 * ``triton``: a GEMV for up to 8 rows (split-K when there are few output tiles) and a tiled
   ``tl.dot`` GEMM, both decoding W tile by tile from the flat layout: any K.
 * ``cuda``: the decode GEMV (one warp per output feature and row of x, 16-byte loads, float32
@@ -78,10 +82,50 @@ class NF4Weight:
         return math.prod(self.shape)
 
     def float_absmax(self) -> torch.Tensor:
-        """Per-block scales as float32, undoing double quantisation if it was applied."""
+        """Per-block scales as float32, undoing double quantisation if it was applied (decoded once
+        and cached, like :meth:`cpu_tiles`)."""
         if self.nested_absmax is None:
             return self.absmax
-        return ref.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        if torch.compiler.is_compiling():
+            return ref.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        cache = self._cache()
+        if "float_absmax" not in cache:
+            cache["float_absmax"] = ref.dequantize_absmax(self.absmax, self.nested_absmax, self.offset)
+        return cache["float_absmax"]
+
+    def cpu_tiles(self) -> torch.Tensor | None:
+        """The weight laid out as the CPU GEMV streams it: rows interleaved in tiles of 16 with their
+        absmax (``csrc/common/args.h``: ``Nf4Args``), made from the bitsandbytes bytes on first use
+        and cached on this object (made again if ``data`` or ``absmax`` change, in place or
+        replaced). None off the CPU, for a weight that is not 2-D, when ``K % blocksize != 0`` (the
+        GEMV then reads the flat bytes) and while ``torch.compile`` traces. The cache holds one more
+        copy of the packed weight in memory; what is saved and loaded stays the bitsandbytes bytes.
+        """
+        if self.data.device.type != "cpu" or len(self.shape) != 2 or self.shape[1] % self.blocksize:
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        cache = self._cache()
+        if "tiles" not in cache:
+            n, k = self.shape
+            tiles = torch.empty((-(-n // 16), k // self.blocksize, self.blocksize * 8 + 64), dtype=torch.uint8)
+            _checks.launch("nf4_repack", "Nf4Args", tiles.device, data=self.data.contiguous().view(-1),
+                           absmax=self.float_absmax().contiguous(), blocksize=self.blocksize, tiles=tiles)
+            cache["tiles"] = tiles
+        return cache["tiles"]
+
+    def _cache(self) -> dict:
+        """What this weight derives once (float absmax, CPU tiles), dropped when data, absmax,
+        nested_absmax or offset change (another tensor, or the same written in place). Inference
+        tensors (made under ``torch.inference_mode``) have no version counter: for them only
+        another tensor is seen, not a write in place."""
+        sources = [t for t in (self.data, self.absmax, self.nested_absmax, self.offset) if t is not None]
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in sources)
+        cached = self.__dict__.get("_derived")
+        if cached is None or cached[0] != key:
+            cached = (key, {})
+            self.__dict__["_derived"] = cached
+        return cached[1]
 
     def to(self, device) -> "NF4Weight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -148,6 +192,7 @@ class Nf4MatmulInputs(NamedTuple):
     blocksize: int
     shape: list[int]  # [N, K]
     bias: torch.Tensor | None  # [N]
+    tiles: torch.Tensor | None = None  # uint8, NF4Weight.cpu_tiles(): the same weight as the cpu GEMV streams it
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,7 +347,15 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     """``x @ dequantize(qw).T + bias`` for a 2-D NF4 weight ``[N, K]``; x is ``[..., K]``.
 
     Accumulates in float32 and returns x.dtype. The reference path dequantises; the fused
-    kernels (NF4 issue) never materialise the float weight.
+    kernels never materialise the float weight.
+
+    Numerics of the cpu backend's fused kernel: the products of x and
+    the exact dequantised weights, summed in float32 (the float32 bounds of bitsandbytes'
+    ``test_gemv_4bit`` hold) -- except with bf16 dot products, taken on CPUs with avx512_bf16 for
+    bfloat16 x, and for float32 x when ``torch.get_float32_matmul_precision()`` is ``"medium"``:
+    then x is rounded to bf16 (round to nearest even) and each weight is its NF4 code value rounded
+    to bf16 times the exact float32 absmax, products and sums in float32 (relative error of each
+    product at most 2^-8; bitsandbytes' bf16 bounds hold). float16 x is always exact.
     """
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     if not isinstance(qw, NF4Weight):
@@ -319,16 +372,20 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     _checks.same_device(x=x, **{"qw.data": qw.data}, bias=bias)
     backend = _matmul.choose(x.device, dtype=x.dtype, k=k)
     inputs = Nf4MatmulInputs(x=x, data=qw.data, absmax=qw.float_absmax(), blocksize=qw.blocksize, shape=list(qw.shape),
-                             bias=bias)
+                             bias=bias, tiles=qw.cpu_tiles() if backend == "cpu" else None)
     return _nf4_matmul_op(inputs, backend)
 
 
 _matmul = Dispatcher("nf4_matmul")
 
-# Up to this many rows of x the CPU runs its fused GEMV (each weight byte is decoded once per 4
-# rows of x, in registers); above it, the tiled path decodes one tile of rows of W at a time and
-# multiplies it with torch's GEMM.
+# Up to this many rows of x the CPU runs its fused kernel whatever the weight; above it, the
+# fused kernel if the weight has tiles (NF4Weight.cpu_tiles) and the SIMD level has 32 vector
+# registers (AVX-512: there it is a GEMM at the FMA / bf16 dot rate, measured 1.0-1.6x torch's
+# float32 GEMM and 0.9-1.0x its bf16 one), else the tiled path: decode one tile of rows of W at a
+# time and multiply it with torch's GEMM (on AVX2, from 64 rows on the fused kernel's lookups cost
+# more than decoding W once).
 CPU_GEMV_MAX_ROWS = 16
+CPU_FUSED_MAX_ROWS_AVX2 = 64
 CPU_TILE_BYTES = 8 << 20  # size of one decoded tile of W on the tiled path (smaller tiles starve the GEMM)
 
 
@@ -338,12 +395,18 @@ def _matmul_reference(a: Nf4MatmulInputs):
 
 
 def _gemv(x2: torch.Tensor, a: Nf4MatmulInputs) -> torch.Tensor:
-    """The compiled fused GEMV (cpu or cuda by x's device): x2 [M, K] (unit stride along K) @ W^T + bias."""
+    """The compiled fused GEMV (cpu or cuda by x's device): x2 [M, K] (unit stride along K) @ W^T + bias.
+
+    On the CPU it streams the tiles when the record has them, else the flat bytes. Numerics: see
+    :func:`nf4_matmul` (float32 x goes through bf16 dot products at ``torch.set_float32_matmul_precision("medium")``).
+    """
     out = torch.empty((x2.shape[0], a.shape[0]), dtype=x2.dtype, device=x2.device)
     if x2.shape[0]:
         _checks.launch("nf4_gemv", "Nf4Args", x2.device, x=x2, data=a.data.view(-1), absmax=a.absmax,
                        code=_code(x2.device), blocksize=a.blocksize,
-                       bias=None if a.bias is None else a.bias.float().contiguous(), out=out)
+                       bias=None if a.bias is None else a.bias.float().contiguous(), out=out,
+                       tiles=a.tiles if x2.device.type == "cpu" else None,
+                       bf16_dots=torch.get_float32_matmul_precision() == "medium")
     return out
 
 
@@ -360,7 +423,12 @@ def _cpu_matmul_supports(k: int, **facts) -> str | None:
 @_matmul.register("cpu", supports=_cpu_matmul_supports)
 def _matmul_cpu(a: Nf4MatmulInputs):
     x2 = _rows(a)
-    out = _gemv(x2, a) if x2.shape[0] <= CPU_GEMV_MAX_ROWS else _matmul_tiled(x2, a)
+    m = x2.shape[0]
+    if a.tiles is not None:
+        fused = m <= CPU_FUSED_MAX_ROWS_AVX2 or cpu_module().active_isa().startswith("avx512")
+    else:
+        fused = m <= CPU_GEMV_MAX_ROWS
+    out = _gemv(x2, a) if fused else _matmul_tiled(x2, a)
     return out.view(*a.x.shape[:-1], a.shape[0])
 
 
@@ -435,7 +503,7 @@ def _(a: Nf4MatmulInputs, backend: str):
 
 
 def _matmul_setup_context(ctx, a: Nf4MatmulInputs, backend: str, output):
-    save_for_backward(ctx, a._replace(x=None, bias=None))  # the weight; of x and bias only their dtypes
+    save_for_backward(ctx, a._replace(x=None, bias=None, tiles=None))  # the weight; of x and bias only their dtypes
     ctx.x_dtype, ctx.bias_dtype, ctx.backend = a.x.dtype, None if a.bias is None else a.bias.dtype, backend
 
 
