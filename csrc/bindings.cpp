@@ -12,6 +12,7 @@
 
 #include "common/bind.h"
 #include "common/cpu_features.h"
+#include "common/threading.h"
 #include "cpu/ops.h"
 
 namespace py = pybind11;
@@ -33,6 +34,8 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error("isa must be scalar, avx2, avx512 or avx512_bf16, got " + name);
         }, py::arg("isa"), "Caps the SIMD level (tests and benchmarks run every path a CPU has).");
   m.def("max_isa", [] { return isa_name(static_cast<Isa>(max_isa_limit().load())); }, "The cap set_max_isa set.");
+  m.def("thread_runtime", &thread_runtime,
+        "Where the kernels' parallel regions run: 'openmp <path>' (the runtime torch loaded) or 'std::thread pool'.");
 
   bind_views_and_args(m);
 

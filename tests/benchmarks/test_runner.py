@@ -22,6 +22,24 @@ def test_ratio_table_compares_with_the_first_fusedlm_row():
     assert "GB/s=12.5" in table
 
 
+def test_ratio_table_shows_the_times_after_a_torch_op_beside_the_times_alone():
+    rows = _rows()
+    rows[0].ms_after_torch, rows[1].ms_after_torch = 2.5, 5.5
+    table = _harness.ratio_table(rows)
+    assert "ms after torch op" in table
+    assert "| toy | n=8 | peer | 5.000 | 2.50x | 5.500 | 2.20x |" in table
+    assert "| toy | n=8 | fusedlm[reference] | 8.000 | 4.00x |  |  |" in table
+
+
+def test_timed_runs_the_torch_op_before_each_call_of_the_second_timing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_harness, "torch_op", lambda: lambda: calls.append("torch"))
+    row = _harness.timed("toy", "n=8", "fusedlm[cpu]", lambda: calls.append("op"), {"k": 1},
+                         warmup=0, min_repeat=2, max_repeat=2, min_seconds=0.0)
+    assert calls == ["op", "op", "torch", "op", "torch", "op"]
+    assert row.ms > 0 and row.ms_after_torch > 0 and row.extra == {"k": 1}
+
+
 def test_write_results_writes_json_with_machine_and_a_chart(tmp_path):
     json_path, png_path = _harness.write_results(_rows(), str(tmp_path))
     data = json.loads(open(json_path).read())

@@ -8,11 +8,17 @@ backends: the first one listed for the case is the baseline of the ratios). Rati
 the same process, one after the other. A row marked ``floor`` is a limit, not a peer: the time
 nothing that does the case's work can beat (one read of the input, the machine's sgemm rate);
 its ratio says how close fusedlm comes to it.
+
+Ops are timed twice (DESIGN.md rule 7): alone, call after call (``ms``), and as a model runs
+them, each call right after a torch op (``ms_after_torch``, see :func:`torch_op`): torch's OpenMP
+workers still spin then, and a kernel that does not share them with torch pays for it there
+only. The table shows both, with a ratio for each.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import platform
@@ -33,19 +39,46 @@ class Row:
     ms: float  # median wall time in milliseconds
     extra: dict = dataclasses.field(default_factory=dict)  # GB/s, peak MiB, compile s, ...
     floor: bool = False  # a limit (see the module docstring), not a peer
+    ms_after_torch: float | None = None  # median wall time of calls each made right after a torch op
 
 
-def timeit(fn: Callable[[], object], *, warmup: int = 2, min_repeat: int = 5, min_seconds: float = 0.2, max_repeat: int = 200) -> float:
-    """Median wall time of fn() in milliseconds (after `warmup` calls)."""
+def timeit(fn: Callable[[], object], *, warmup: int = 2, min_repeat: int = 5, min_seconds: float = 0.2, max_repeat: int = 200,
+           before: Callable[[], object] | None = None) -> float:
+    """Median wall time of fn() in milliseconds (after `warmup` calls). `before`, if given, runs
+    before every call, untimed (see :func:`timeit_after_torch`)."""
     for _ in range(warmup):
+        if before is not None:
+            before()
         fn()
     times = []
     start = time.perf_counter()
     while len(times) < max_repeat and (len(times) < min_repeat or time.perf_counter() - start < min_seconds):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+@functools.cache
+def torch_op() -> Callable[[], object]:
+    """A torch op as a model runs one before each fused op: a [64, 1024] x [1024, 1024] float32
+    matmul (a projection of a short sequence) on torch's threads. It leaves torch's OpenMP workers
+    spinning, as they are when the next op of a model starts."""
+    a, b = torch.randn(64, 1024), torch.randn(1024, 1024)
+    return lambda: torch.mm(a, b)
+
+
+def timeit_after_torch(fn: Callable[[], object], **kw) -> float:
+    """Median ms of fn(), each call made right after :func:`torch_op` (which is not timed)."""
+    return timeit(fn, before=torch_op(), **kw)
+
+
+def timed(suite: str, case: str, impl: str, fn: Callable[[], object], extra: dict | None = None, **kw) -> Row:
+    """A Row for fn() timed both ways: alone and right after a torch op."""
+    extra = {} if extra is None else extra
+    return Row(suite, case, impl, timeit(fn, **kw), extra, ms_after_torch=timeit_after_torch(fn, **kw))
 
 
 def _version(package: str) -> str:
@@ -69,15 +102,16 @@ def machine_info() -> dict:
     try:
         from fusedlm import _C
 
-        detected, active = _C.detected_isa(), _C.active_isa()
+        detected, active, threads = _C.detected_isa(), _C.active_isa(), _C.thread_runtime()
     except ImportError:
-        detected = active = "fusedlm._C not built"
+        detected = active = threads = "fusedlm._C not built"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "fusedlm_isa_detected": detected,
         "fusedlm_isa": active,
+        "fusedlm_threads": threads,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
@@ -90,7 +124,8 @@ def header(info: dict) -> str:
     capped = "" if info["fusedlm_isa"] == info["fusedlm_isa_detected"] else " (capped by --isa / FUSEDLM_MAX_ISA)"
     lines = [
         f"fusedlm bench — {info['cpu']}, {info['cores']} cores, {info['torch_threads']} threads",
-        f"  fusedlm kernels: {info['fusedlm_isa']}{capped}; the CPU supports {info['fusedlm_isa_detected']}",
+        f"  fusedlm kernels: {info['fusedlm_isa']}{capped}; the CPU supports {info['fusedlm_isa_detected']};"
+        f" parallel regions on {info['fusedlm_threads']}",
         f"  torch kernels: {info['torch_cpu_capability']}"
         + "".join(f", {k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ),
         "  " + ", ".join(f"{k} {info[k]}" for k in ("python", "fusedlm", "torch", "triton", "transformers", "peft", "bitsandbytes")),
@@ -126,15 +161,23 @@ def sgemm_row(suite: str, case: str, flops: float) -> Row:
 
 
 def ratio_table(rows: list[Row]) -> str:
-    """Markdown table: per case, each implementation's time and its time / fusedlm's time."""
-    lines = ["| suite | case | impl | ms | peer/fusedlm | notes |", "|---|---|---|---:|---:|---|"]
+    """Markdown table: per case, each implementation's time and its time / fusedlm's time, alone and
+    (where measured) right after a torch op."""
+    both = any(r.ms_after_torch is not None for r in rows)
+    head = "| suite | case | impl | ms | peer/fusedlm |" + (" ms after torch op | peer/fusedlm after torch op |" if both else "")
+    lines = [head + " notes |", "|---|---|---|---:|---:|" + ("---:|---:|" if both else "") + "---|"]
     for (suite, case), case_rows in _by_case(rows).items():
         ours = next((r for r in case_rows if r.impl.startswith("fusedlm")), None)
         for r in case_rows:
             ratio = "" if ours is None or r is ours else f"{r.ms / ours.ms:.2f}x"
+            cells = f"| {suite} | {case} | {f'{r.impl} (limit)' if r.floor else r.impl} | {r.ms:.3f} | {ratio} |"
+            if both:
+                after = "" if r.ms_after_torch is None else f"{r.ms_after_torch:.3f}"
+                mine = None if ours is None else ours.ms_after_torch
+                ratio = "" if r is ours or mine is None or r.ms_after_torch is None else f"{r.ms_after_torch / mine:.2f}x"
+                cells += f" {after} | {ratio} |"
             notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
-            impl = f"{r.impl} (limit)" if r.floor else r.impl
-            lines.append(f"| {suite} | {case} | {impl} | {r.ms:.3f} | {ratio} | {notes} |")
+            lines.append(f"{cells} {notes} |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Every fusedlm row notes its achieved GFLOP/s (4 D flops per visible (query, key) pair forward,
 10 D more backward: the S and P V products, then dP, dS K, dS^T Q, P^T dO with S recomputed) and
 each case has a limit row: a torch float32 GEMM of the same FLOP count, timed in the same run,
-so its ratio is the fraction of the machine's sgemm rate the kernel reaches.
+so its ratio is the fraction of the machine's sgemm rate the kernel reaches. Every implementation
+is timed alone and right after a torch op, in alternating rounds (see _harness).
 
 Quick set (issue #3's targets), B=1 H=8 N=1024 D=64:
   * forward fp32, causal / bidirectional / prefix (prefix = N/4): fusedlm[cpu] vs
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from fusedlm import ops
 from fusedlm.reference import attention as ref
 
-from ._harness import Row, sgemm_row, timeit
+from ._harness import Row, sgemm_row, timeit, timeit_after_torch
 
 SUITE = "attention"
 H = 8
@@ -55,14 +56,17 @@ def _with_flops(rows, case, flops):
     rows.append(sgemm_row(SUITE, case, flops))
 
 
-def _interleaved(fns: dict, rounds: int = 5, **timeit_kw) -> dict:
-    """Median ms of each fn, timed in `rounds` alternating rounds (each a short _harness.timeit),
-    so that load from other processes on the machine hits every implementation alike."""
-    times = {name: [] for name in fns}
+def _interleaved(fns: dict, rounds: int = 5) -> dict:
+    """(alone, right after a torch op) median ms of each fn, timed in `rounds` alternating rounds
+    (each a short _harness.timeit of both kinds), so that load from other processes on the machine
+    hits every implementation alike."""
+    times = {name: ([], []) for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            times[name].append(timeit(fn, warmup=2 if r == 0 else 1, min_repeat=3, min_seconds=0.05, **timeit_kw))
-    return {name: statistics.median(t) for name, t in times.items()}
+            kw = dict(warmup=2 if r == 0 else 1, min_repeat=3, min_seconds=0.05)
+            times[name][0].append(timeit(fn, **kw))
+            times[name][1].append(timeit_after_torch(fn, **kw))
+    return {name: (statistics.median(alone), statistics.median(after)) for name, (alone, after) in times.items()}
 
 
 def _inputs(b, n, d, dtype, requires_grad=False):
@@ -129,8 +133,8 @@ def _forward_case(rows, b, n, d, dtype, mask, *, flex: bool, reference: bool, sd
 
         fns["fusedlm[reference]"] = reference_fn
     with torch.no_grad():
-        for impl, ms in _interleaved(fns).items():
-            rows.append(Row(SUITE, case, impl, ms, extra.get(impl, {})))
+        for impl, (ms, after) in _interleaved(fns).items():
+            rows.append(Row(SUITE, case, impl, ms, extra.get(impl, {}), ms_after_torch=after))
     _with_flops(rows, case, _flops(b, n, d, mask, prefix))
 
 
@@ -151,8 +155,8 @@ def _backward_case(rows, b, n, d, dtype, mask):
         F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, is_causal=mask == "causal").sum().backward()
 
     sdpa_name = "torch SDPA" + (" (bool mask)" if mask == "prefix" else "")
-    for impl, ms in _interleaved({"fusedlm[cpu]": ours, sdpa_name: sdpa}, rounds=3).items():
-        rows.append(Row(SUITE, case, impl, ms))
+    for impl, (ms, after) in _interleaved({"fusedlm[cpu]": ours, sdpa_name: sdpa}, rounds=3).items():
+        rows.append(Row(SUITE, case, impl, ms, ms_after_torch=after))
     _with_flops(rows, case, _flops(b, n, d, mask, prefix, backward=True))
 
 
@@ -167,8 +171,8 @@ def _bf16_case(rows, n, d, mask):
         "torch SDPA bf16": lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=mask == "causal"),
     }
     with torch.no_grad(), ops.use_backend("cpu"):
-        for impl, ms in _interleaved(fns).items():
-            rows.append(Row(SUITE, case, impl, ms))
+        for impl, (ms, after) in _interleaved(fns).items():
+            rows.append(Row(SUITE, case, impl, ms, ms_after_torch=after))
     _with_flops(rows, case, _flops(1, n, d, mask, n // 4))
 
 
@@ -189,7 +193,7 @@ with torch.no_grad():
     run = (lambda q, k, v: ops.attention(q, k, v)) if impl == "fusedlm" else (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     with ops.use_backend("cpu"):
-        run(*small)  # first call: thread pool, lazy initialisation
+        run(*small)  # first call: lazy initialisation
         before = status("VmRSS:")
         open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fusedlm import ops
 
-from ._harness import Row, timeit
+from ._harness import Row, timed, timeit, timeit_after_torch
 
 SUITE = "lora"
 K = N = 4096
@@ -108,13 +108,14 @@ def _single(m: int, r: int, backward: bool) -> list[Row]:
             t_fused = timeit(fused)
             t_base = timeit(lambda: F.linear(x, w, b))
             rows.append(Row(SUITE, case, "fusedlm[cpu]", t_fused, {
-                "x_base": t_fused / t_base, "x_base_paired": _paired_ratio(fused, lambda: F.linear(x, w, b))}))
+                "x_base": t_fused / t_base, "x_base_paired": _paired_ratio(fused, lambda: F.linear(x, w, b))},
+                ms_after_torch=timeit_after_torch(fused)))
             base = lambda: F.linear(x, w, b)  # noqa: E731
-            rows.append(Row(SUITE, case, "base matmul alone (F.linear)", t_base))
+            rows.append(Row(SUITE, case, "base matmul alone (F.linear)", t_base, ms_after_torch=timeit_after_torch(base)))
             if peft_layer is not None:
                 peft = lambda: peft_layer(x)  # noqa: E731
-                rows.append(Row(SUITE, case, "peft lora.Linear", timeit(peft), {"x_base_paired": _paired_ratio(peft, base)}))
-            rows.append(Row(SUITE, case, "torch composition", timeit(compose), {"x_base_paired": _paired_ratio(compose, base)}))
+                rows.append(timed(SUITE, case, "peft lora.Linear", peft, {"x_base_paired": _paired_ratio(peft, base)}))
+            rows.append(timed(SUITE, case, "torch composition", compose, {"x_base_paired": _paired_ratio(compose, base)}))
         return rows
 
     xg = x.clone().requires_grad_()
@@ -125,13 +126,13 @@ def _single(m: int, r: int, backward: bool) -> list[Row]:
         params = [peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
         peft_g = lambda: peft_layer(xg)  # noqa: E731
         notes["x_peft_paired"] = _paired_ratio(_fwd_bwd(fused_g, [xg, ag, bg]), _fwd_bwd(peft_g, [xg, *params]), n=7)
-    rows.append(Row(SUITE, case, "fusedlm[cpu]", timeit(_fwd_bwd(fused_g, [xg, ag, bg])), notes))
+    rows.append(timed(SUITE, case, "fusedlm[cpu]", _fwd_bwd(fused_g, [xg, ag, bg]), notes))
     if peft_layer is not None:
-        rows.append(Row(SUITE, case, "peft lora.Linear", timeit(_fwd_bwd(peft_g, [xg, *params])),
-                        {"saved_MiB": _saved_mib(peft_g, [*peft_layer.parameters()])}))
+        rows.append(timed(SUITE, case, "peft lora.Linear", _fwd_bwd(peft_g, [xg, *params]),
+                          {"saved_MiB": _saved_mib(peft_g, [*peft_layer.parameters()])}))
     compose_g = lambda: F.linear(xg, w, b) + s * ((xg @ ag.T) @ bg.T)  # noqa: E731
-    rows.append(Row(SUITE, case, "torch composition", timeit(_fwd_bwd(compose_g, [xg, ag, bg])),
-                    {"saved_MiB": _saved_mib(compose_g, [w, b, ag, bg])}))
+    rows.append(timed(SUITE, case, "torch composition", _fwd_bwd(compose_g, [xg, ag, bg]),
+                      {"saved_MiB": _saved_mib(compose_g, [w, b, ag, bg])}))
     return rows
 
 
@@ -156,10 +157,10 @@ def _mixed(m: int, r: int, n_adapters: int, own: bool = False) -> list[Row]:
         except ImportError:
             peft_mixed = None
         notes = {} if peft_mixed is None else {"x_peft_paired": _paired_ratio(fused, peft_mixed, n=7)}
-        rows.append(Row(SUITE, case, "fusedlm[cpu]", timeit(fused), notes))
+        rows.append(timed(SUITE, case, "fusedlm[cpu]", fused, notes))
         if peft_mixed is not None:
-            rows.append(Row(SUITE, case, "peft adapter_names", timeit(peft_mixed)))
-        rows.append(Row(SUITE, case, "base matmul alone (F.linear)", timeit(lambda: F.linear(x, w, b))))
+            rows.append(timed(SUITE, case, "peft adapter_names", peft_mixed))
+        rows.append(timed(SUITE, case, "base matmul alone (F.linear)", lambda: F.linear(x, w, b)))
     return rows
 
 

@@ -20,7 +20,7 @@ import torch
 
 from fusedlm import ops
 
-from ._harness import Row, quiet, timeit
+from ._harness import Row, quiet, timed, timeit
 
 SUITE = "nf4"
 BLOCKSIZE = 64
@@ -75,13 +75,12 @@ def _matmul_case(rows: list[Row], m: int, n: int, k: int, dtype: torch.dtype, *,
     fp32_weight_mib = w.numel() * 4 / 2**20
 
     def add(impl, fn, **extra):
-        ms = timeit(fn)
+        rows.append(timed(SUITE, case, impl, fn, extra))
         if memory:
             # extra = allocations beyond the output itself
             peak = max(0.0, peak_alloc_mib(fn) - m * n * x.element_size() / 2**20)
             extra.update(peak_extra_MiB=peak, extra_pct_of_fp32_W=100 * peak / fp32_weight_mib)
-        rows.append(Row(SUITE, case, impl, ms, extra))
-        return ms
+        return rows[-1].ms
 
     ms = add("fusedlm[cpu]", lambda: ops.nf4_matmul(x, qw))
     ours = rows[-1]

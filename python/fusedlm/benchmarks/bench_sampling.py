@@ -17,7 +17,7 @@ import torch
 
 from fusedlm import ops
 
-from ._harness import Row, timeit
+from ._harness import Row, timed, timeit
 
 SUITE = "sampling"
 PARAM_SETS = {"T=0.7 k=50 p=0.9": (0.7, 50, 0.9), "top-p 0.9": (1.0, 0, 0.9), "top-k 50": (1.0, 50, 1.0)}
@@ -69,14 +69,14 @@ def run(full: bool) -> list[Row]:
         for label, (t, k, p) in PARAM_SETS.items():
             case = f"B={B} V={V} {label} fp32"
             with ops.use_backend("cpu"):
-                ms = timeit(lambda: ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g))
-            rows.append(Row(SUITE, case, "fusedlm[cpu]", ms, {"x_amax_floor": ms / amax_ms}))
+                rows.append(timed(SUITE, case, "fusedlm[cpu]", lambda: ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g)))
+            rows[-1].extra["x_amax_floor"] = rows[-1].ms / amax_ms
             hf = _transformers_sampler(t, k, p)
             if hf is None:
                 print("  (transformers not installed: its warpers are skipped)")
             else:
-                rows.append(Row(SUITE, case, "transformers warpers + multinomial", timeit(lambda: hf(logits, g), min_repeat=3)))
-            rows.append(Row(SUITE, case, "torch sort + multinomial", timeit(lambda: torch_sort_sampler(logits, t, k, p, g), min_repeat=3)))
+                rows.append(timed(SUITE, case, "transformers warpers + multinomial", lambda: hf(logits, g), min_repeat=3))
+            rows.append(timed(SUITE, case, "torch sort + multinomial", lambda: torch_sort_sampler(logits, t, k, p, g), min_repeat=3))
             if full or B * V <= 32 * 128256:
                 with ops.use_backend("reference"):
                     ref_ms = timeit(lambda: ops.sample(logits, temperature=t, top_k=k, top_p=p, generator=g), warmup=1, min_repeat=3)
