@@ -63,6 +63,18 @@ struct LoraArgs : Launch {
   View out;       // [M, N] contiguous (F32, BF16 or F16)
 };
 
+// ---- linear_cross_entropy: the row pass over a chunk of logits (python/fusedlm/reference/linear_cross_entropy.py) ----
+//   loss[c] = logsumexp(logits[c]) - logits[c, targets[c]]; with scales, logits[c] <- scales[c] (softmax - onehot).
+struct LinearCrossEntropyArgs : Launch {
+  View logits;               // [C, V] (F32, BF16 or F16), unit stride along V; overwritten by the gradient with scales
+  View targets;              // I64 [C], each in [0, V) or ignore_index
+  int64_t ignore_index = -100;
+  View scales;               // F32 [C]: the factor on each row's gradient, or absent (no gradient written)
+  View loss;                 // F32 [C] out (0 on ignored rows, NaN on rows with NaN or +inf logits)
+  View lse;                  // F32 [C] out: logsumexp of the row (0 on ignored rows)
+  View argmax;               // I64 [C] out: the first index of the row's largest logit (-1 on ignored rows)
+};
+
 // ---- sampling: semantics of python/fusedlm/reference/sampling.py ----
 struct SamplingArgs : Launch {
   View logits;       // [B, V] (F32, BF16 or F16), unit stride along V

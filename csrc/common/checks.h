@@ -3,7 +3,8 @@
 // every argument first, so a failure here (std::invalid_argument, a ValueError in Python) means a
 // bug on the Python side; what they guarantee is that the kernels read and write only within the
 // sizes they get. They read the views' sizes and strides, never the memory behind them, except
-// check_lora, which reads the row grouping (the CPU-only op's host buffers).
+// check_lora, which reads the row grouping, and check_linear_cross_entropy, which reads the targets
+// (the CPU-only ops' host buffers).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -94,6 +95,23 @@ inline void check_lora(const LoraArgs& a) {
   for (int64_t s = 0; s <= n_adapters; ++s) require(segments[s] <= segments[s + 1], "segments must not decrease");
   if (a.rows)
     for (int64_t i = 0; i < M; ++i) require(a.rows.ptr<const int64_t>()[i] >= 0 && a.rows.ptr<const int64_t>()[i] < M, "rows must lie in [0, M)");
+}
+
+// ---- linear_cross_entropy ----
+inline void check_linear_cross_entropy(const LinearCrossEntropyArgs& a) {
+  check_view(a.logits, "logits", kFloatTypes, {-1, -1});
+  const int64_t C = a.logits.size(0), V = a.logits.size(1);
+  require(a.logits.stride(1) == 1 || V == 1, "logits must have unit stride along the vocabulary");
+  require(V > 0 && V < (int64_t{1} << 31), "the vocabulary must have 1 to 2^31 - 1 entries");
+  check_contiguous(a.targets, "targets", {DType::I64}, {C});
+  if (a.scales) check_contiguous(a.scales, "scales", {DType::F32}, {C});
+  check_contiguous(a.loss, "loss", {DType::F32}, {C});
+  check_contiguous(a.lse, "lse", {DType::F32}, {C});
+  check_contiguous(a.argmax, "argmax", {DType::I64}, {C});
+  const int64_t* targets = a.targets.ptr<const int64_t>();
+  for (int64_t c = 0; c < C; ++c)
+    require(targets[c] == a.ignore_index || (targets[c] >= 0 && targets[c] < V),
+            "targets must lie in [0, V) or equal ignore_index, got " + std::to_string(targets[c]));
 }
 
 // ---- sampling ----

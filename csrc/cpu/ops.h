@@ -22,6 +22,10 @@ void attention_backward(const AttentionArgs& args);
 // ---- lora.cpp ----
 void lora_forward(const LoraArgs& args);
 
+// ---- linear_cross_entropy.cpp ----
+// Per row of a chunk of logits: loss, logsumexp, argmax; with scales, the gradient in place.
+void linear_cross_entropy_rows(const LinearCrossEntropyArgs& args);
+
 // ---- sampling.cpp ----
 void sampling_run(const SamplingArgs& args);
 
