@@ -30,7 +30,11 @@ class LanguageModel(nn.Module):
 
     def _to_vocab(self, h: torch.Tensor, output: nn.Linear | None, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (..., V) of h (..., d) through `output` (from _output_layer), or the tied embedding."""
-        return F.linear(h, self.tok_embed.weight if output is None else output.weight, bias)
+        return F.linear(h, self._vocab_weight(output), bias)
+
+    def _vocab_weight(self, output: nn.Linear | None) -> torch.Tensor:
+        """The [V, d] matrix of the vocabulary projection: `output`'s weight, or the tied embedding."""
+        return self.tok_embed.weight if output is None else output.weight
 
     def _new_cache(self, n_layers: int, batch: int, max_len: int, **prefixes) -> KVCache:
         """A KVCache of n_layers in the embedding's dtype and device (prefixes: see KVCache)."""
