@@ -251,3 +251,24 @@ def test_torch_compile_forward_and_backward(fresh_inductor_cache):
     y_ref.sum().backward()
     torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
     torch.testing.assert_close(a.grad, a_ref.grad, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_adapters", [None, 2])
+def test_autocast_runs_in_bf16_with_float32_gradients(on_backend, backend, n_adapters):
+    if backend == "triton":
+        pytest.skip("the Triton interpreter has no bfloat16")
+    case = _case(12, 32, 24, 4, n_adapters=n_adapters)
+    leaves = {k: v.clone().requires_grad_() for k, v in case.items() if k != "adapter_ids" and v is not None}
+    with on_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _call(ops.lora_linear, dict(case, **leaves))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    bf = {k: v.to(torch.bfloat16) for k, v in case.items() if k != "adapter_ids" and v is not None}
+    expected = _call(ref.lora_linear, dict(case, **bf))  # the operands autocast gives F.linear
+    torch.testing.assert_close(y.float(), expected.float(), **TOL[torch.bfloat16])
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in bf.items()}
+    _call(ref.lora_linear, dict(case, **ref_leaves)).float().sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.float32, name
+        torch.testing.assert_close(leaf.grad, ref_leaves[name].grad.float(), atol=1e-1, rtol=5e-2, msg=lambda m: f"{name}: {m}")

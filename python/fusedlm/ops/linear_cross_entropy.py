@@ -128,6 +128,11 @@ def _chunks(a: LinearCrossEntropyInputs, backend: str, row_scales: torch.Tensor 
             want_bias: bool):
     """Runs the chunks: per-row (loss, lse, argmax) [M] and, for the wanted inputs, the gradients
     of ``Σ_m row_scales[m] loss_m`` (dh in h's dtype, dW and db in float32), or None."""
+    with torch.autocast(a.h.device.type, enabled=False):  # the wrapper cast the operands already
+        return _run_chunks(a, backend, row_scales, want_h, want_weight, want_bias)
+
+
+def _run_chunks(a, backend, row_scales, want_h, want_weight, want_bias):
     h, weight, bias = a.h, a.weight, a.bias
     m, n_vocab = h.shape[0], weight.shape[0]
     acc = dict(dtype=_acc(h.dtype), device=h.device)
@@ -298,7 +303,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         chunk_size = _checks.integer("chunk_size", chunk_size, low=1)
     _checks.same_device(h=h, weight=weight, targets=targets, bias=bias)
     device = h.device
-    if torch.is_autocast_enabled(device.type):  # as F.linear runs under autocast
+    if device.type in ("cpu", "cuda") and h.dtype != torch.float64 and torch.is_autocast_enabled(device.type):  # as F.linear
         dtype = torch.get_autocast_dtype(device.type)
         h, weight = h.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

@@ -195,7 +195,8 @@ def _forward_triton(a: LoraInputs):
 # ---------------------------------------------------------------------------------------------
 @record_op("fusedlm::lora_linear", LoraInputs)
 def _lora_linear_op(a: LoraInputs, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(backend, a)
+    with torch.autocast(a.x.device.type, enabled=False):  # the wrapper cast the operands already
+        return _forward(backend, a)
 
 
 @_lora_linear_op.register_fake
@@ -212,20 +213,65 @@ def _setup_context(ctx, a: LoraInputs, backend: str, output):
 
 
 def _backward(ctx, grad_y, grad_h):
-    """dy -> dx, dW, dbase, dA, dB, db, dgates (float32 math, cast back to each input's dtype).
+    """dy -> dx, dW, dbase, dA, dB, db, dgates (cast back to each input's dtype).
 
     With u = dy B_{id} [M, r] and s = scaling · g_{id} per row:
     dB_a = s_a Σ_{rows of a} dyᵀ h,  dh = s u,  dA_a = Σ_{rows of a} dhᵀ xd,  dx = dy W + (dh A_{id}) ⊙ mask,
-    dg_a = scaling Σ_{rows of a} u · h.  All adapters at once: the rows' h and dh are scattered into
-    [M, A·r] blocks (zeros outside the row's adapter), so each sum over rows is one GEMM.
+    dg_a = scaling Σ_{rows of a} u · h.
+
+    The M x N and M x K products (dy W, dh A) run in x's dtype, as autograd would run them (one
+    bf16 GEMM for bf16 x, not a float32 copy of dy and W); the rank-r quantities (u, dh, h) are
+    float32. One adapter without ids takes the direct path (:func:`_backward_one`); many adapters
+    scatter the rows' h and dh into [M, A·r] blocks (zeros outside the row's adapter), so each sum
+    over rows is one GEMM without data-dependent shapes.
     """
     a, h = saved(ctx)
-    x, weight, lora_a, lora_b, gates = a.x, a.weight, a.lora_a, a.lora_b, a.gates
     need = lambda field: _lora_linear_op.needs_grad(ctx, field)  # noqa: E731
+    if a.adapter_ids is None and a.lora_a.shape[0] == 1:
+        grads = _backward_one(a, h, grad_y, need)
+    else:
+        grads = _backward_many(a, h, grad_y, need)
+    if need("base"):
+        grads["base"] = grad_y
+    if need("bias"):
+        grads["bias"] = grad_y.sum(0, dtype=_acc(grad_y.dtype)).to(ctx.bias_dtype)
+    return _lora_linear_op.grads(**grads)
+
+
+def _backward_one(a: LoraInputs, h: torch.Tensor, dy: torch.Tensor, need) -> dict:
+    """One adapter, every row: four rank-r GEMMs and, for dx, the base GEMM accumulating onto the
+    adapter's part."""
+    x, weight, lora_a, lora_b = a.x, a.weight, a.lora_a[0], a.lora_b[0]
+    dtype, acc = x.dtype, _acc(x.dtype)
+    s = a.scaling * a.gates[0].to(acc)
+    u = (dy @ lora_b.to(dtype)).to(acc)  # [M, r]
+    dh = s * u
+    xd, mask = _adapter_input(a, x)
+    grads = {}
+    if need("x"):
+        dx = dh.to(dtype) @ lora_a.to(dtype)  # [M, K]
+        if mask is not None:
+            dx = dx * mask.to(dtype)
+        if weight is not None:
+            dx.addmm_(dy, weight.to(dtype))  # the base GEMM accumulates onto the adapter part
+        grads["x"] = dx
+    if weight is not None and need("weight"):
+        grads["weight"] = (dy.T @ x).to(weight.dtype)
+    if need("lora_a"):
+        grads["lora_a"] = (dh.to(dtype).T @ xd.to(dtype)).to(lora_a.dtype)[None]  # [1, r, K]
+    if need("lora_b"):
+        grads["lora_b"] = (s * (dy.T @ h.to(dtype)).to(acc)).to(lora_b.dtype)[None]  # [1, N, r]
+    if need("gates"):
+        grads["gates"] = (a.scaling * (u * h).sum()).reshape(1).to(a.gates.dtype)
+    return grads
+
+
+def _backward_many(a: LoraInputs, h: torch.Tensor, grad_y: torch.Tensor, need) -> dict:
+    x, weight, lora_a, lora_b, gates = a.x, a.weight, a.lora_a, a.lora_b, a.gates
     m, k = x.shape
     n_adapters, r, _ = lora_a.shape
     n_out = lora_b.shape[1]
-    acc = _acc(x.dtype)
+    dtype, acc = x.dtype, _acc(x.dtype)
     dy = grad_y.to(acc)
     onehot = _one_hot(a.adapter_ids, n_adapters, m, x.device).to(acc)  # [M, A]
     g = gates.to(acc)
@@ -242,23 +288,20 @@ def _backward(ctx, grad_y, grad_h):
         dx = dh_blocks @ lora_a.to(acc).reshape(n_adapters * r, k)  # [M, K]
         if mask is not None:
             dx = dx * mask
+        dx = dx.to(dtype)
         if weight is not None:
-            dx = torch.addmm(dx, dy, weight.to(acc))  # the base GEMM accumulates onto the adapter part
-        grads["x"] = dx.to(x.dtype)
+            dx.addmm_(grad_y, weight.to(dtype))  # the base GEMM, in x's dtype, onto the adapter part
+        grads["x"] = dx
     if weight is not None and need("weight"):
-        grads["weight"] = (dy.T @ x.to(acc)).to(weight.dtype)
-    if need("base"):
-        grads["base"] = grad_y
+        grads["weight"] = (grad_y.T @ x).to(weight.dtype)
     if need("lora_a"):
         grads["lora_a"] = (dh_blocks.T @ xd.to(acc)).view(n_adapters, r, k).to(lora_a.dtype)
     if need("lora_b"):
         db = (dy.T @ h_blocks).view(n_out, n_adapters, r).permute(1, 0, 2)  # [A, N, r], unscaled
         grads["lora_b"] = (db * (a.scaling * g)[:, None, None]).to(lora_b.dtype)
-    if need("bias"):
-        grads["bias"] = dy.sum(0).to(ctx.bias_dtype)
     if need("gates"):
         grads["gates"] = (a.scaling * (onehot[:, :, None] * (u * h)[:, None, :]).sum((0, 2))).to(gates.dtype)
-    return _lora_linear_op.grads(**grads)
+    return grads
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -267,6 +310,16 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
+def _autocast(x, weight, lora_a, lora_b, bias):
+    """Under torch.autocast, the float operands in the autocast dtype, as F.linear's would be (a
+    dense weight already in that dtype, e.g. a frozen base kept in bf16, is used as it is)."""
+    if x.device.type not in ("cpu", "cuda") or x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type):
+        return x, weight, lora_a, lora_b, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return cast(x), cast(weight), cast(lora_a), cast(lora_b), cast(bias)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor | NF4Weight,
@@ -297,12 +350,15 @@ def lora_linear(
             eval. The mask comes from a seed drawn from `generator` and is regenerated in backward.
         generator: the torch.Generator the dropout seed is drawn from (default: torch's).
 
-    Returns ``[..., N]`` in x's dtype; accumulation is float32. Edge cases: M = 0 gives an empty
-    output; rows with id -1 are the base layer alone.
+    Returns ``[..., N]`` in x's dtype; accumulation is float32. Under ``torch.autocast`` x, the
+    dense weight, lora_a, lora_b and bias are first cast to the autocast dtype (F.linear's rule), so
+    the base GEMMs of forward and backward run in it. Edge cases: M = 0 gives an empty output; rows
+    with id -1 are the base layer alone.
     """
     _checks.tensor("x", x, dtypes=_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension [..., K], got a 0-d tensor")
+    x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
     k = x.shape[-1]
     dtype = x.dtype
     if isinstance(weight, NF4Weight):
