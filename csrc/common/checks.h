@@ -97,6 +97,40 @@ inline void check_lora(const LoraArgs& a) {
     for (int64_t i = 0; i < M; ++i) require(a.rows.ptr<const int64_t>()[i] >= 0 && a.rows.ptr<const int64_t>()[i] < M, "rows must lie in [0, M)");
 }
 
+// out (+)= a Wᵀ + a2 w2ᵀ or a W + a2 w2 for the base weight W [n, k] (dense w, or NF4 data + absmax)
+inline void check_lora_gemm(const LoraGemmArgs& a) {
+  require(a.n > 0 && a.k > 0, "W must be [n >= 1, k >= 1], got [" + std::to_string(a.n) + ", " + std::to_string(a.k) + "]");
+  if (a.w) {
+    check_view(a.w, "w", {DType::F32, DType::BF16}, {a.n, a.k});
+    require(a.w.stride(1) == 1 || a.k == 1, "w must have unit stride along k");
+  } else {
+    require(a.k % 32 == 0, "an NF4 W needs k % 32 == 0, got k = " + std::to_string(a.k));
+    require(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
+            "blocksize must be a power of two in [32, 4096], got " + std::to_string(a.blocksize));
+    check_contiguous(a.data, "data", {DType::U8}, {-1});
+    require(a.data.numel() == a.n * a.k / 2, "data must hold n k / 2 bytes");
+    check_contiguous(a.absmax, "absmax", {DType::F32}, {(a.n * a.k + a.blocksize - 1) / a.blocksize});
+    check_contiguous(a.code, "code", {DType::F32}, {16});
+  }
+  require(a.transposed == 0 || a.transposed == 1, "transposed must be 0 or 1");
+  const int64_t R = a.transposed ? a.n : a.k, C = a.transposed ? a.k : a.n;
+  check_view(a.a, "a", {DType::F32, DType::BF16}, {-1, R});
+  const int64_t M = a.a.size(0);
+  require(a.a.stride(1) == 1 || R == 1, "a must have unit stride along its columns");
+  require(a.a.dtype != DType::BF16 || R % 2 == 0, "bf16 a needs an even reduction length");
+  if (a.a2) {
+    check_view(a.a2, "a2", {a.a.dtype}, {M, -1});
+    const int64_t r = a.a2.size(1);
+    require(a.a2.stride(1) == 1 || r == 1, "a2 must have unit stride along its columns");
+    require(a.a2.dtype != DType::BF16 || r % 2 == 0, "bf16 a2 needs an even rank");
+    if (a.transposed) check_view(a.w2, "w2", {DType::F32, DType::BF16}, {r, C});
+    else check_view(a.w2, "w2", {DType::F32, DType::BF16}, {C, r});
+    require(a.w2.stride(1) == 1 || a.w2.size(1) == 1, "w2 must have unit stride along its rows");
+  }
+  check_view(a.out, "out", {DType::F32, DType::BF16}, {M, C});
+  require(a.out.stride(1) == 1 || C == 1, "out must have unit stride along its columns");
+}
+
 // ---- linear_cross_entropy ----
 inline void check_linear_cross_entropy(const LinearCrossEntropyArgs& a) {
   check_view(a.logits, "logits", kFloatTypes, {-1, -1});
