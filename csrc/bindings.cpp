@@ -47,5 +47,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, nogil);
   m.def("attention_backward", &attention_backward, nogil);
   m.def("lora_forward", &lora_forward, nogil);
+  m.def("lora_gemm", &lora_gemm, nogil);
+  m.def("linear_cross_entropy_rows", &linear_cross_entropy_rows, nogil);
   m.def("sampling_run", &sampling_run, nogil);
 }

@@ -80,6 +80,36 @@ struct LoraArgs : Launch {
   View out;       // [M, N] contiguous (F32, BF16 or F16)
 };
 
+// ---- linear_cross_entropy: the row pass over a chunk of logits (python/fusedlm/reference/linear_cross_entropy.py) ----
+//   loss[c] = logsumexp(logits[c]) - logits[c, targets[c]]; with scales, logits[c] <- scales[c] (softmax - onehot).
+struct LinearCrossEntropyArgs : Launch {
+  View logits;               // [C, V] (F32, BF16 or F16), unit stride along V; overwritten by the gradient with scales
+  View targets;              // I64 [C], each in [0, V) or ignore_index
+  int64_t ignore_index = -100;
+  View scales;               // F32 [C]: the factor on each row's gradient, or absent (no gradient written)
+  View loss;                 // F32 [C] out (0 on ignored rows, NaN on rows with NaN or +inf logits)
+  View lse;                  // F32 [C] out: logsumexp of the row (0 on ignored rows)
+  View argmax;               // I64 [C] out: the first index of the row's largest logit (-1 on ignored rows)
+};
+
+// ---- lora_gemm: a LoRA layer's products in training, base weight W [n, k] (dense or NF4) plus the adapter ----
+//   transposed == 0: out[M, n] (+)= a[M, k] Wᵀ + a2[M, r] w2ᵀ (w2 [n, r]);
+//   transposed == 1: out[M, k] (+)= a[M, n] W  + a2[M, r] w2  (w2 [r, k]).
+struct LoraGemmArgs : Launch {
+  View a;                // [M, R] F32, or BF16 where the CPU has bf16 dot products (then R even); unit stride along R
+  View w;                // the dense W [n, k] (F32 or BF16, unit stride along k), or absent for an NF4 W:
+  View data;             //   U8, n k / 2 packed bytes (element 2j: high nibble of byte j), k % 32 == 0
+  View absmax;           //   F32 [ceil(n k / blocksize)]
+  View code;             //   F32 [16]: the NF4 values
+  int64_t blocksize = 64;
+  int64_t n = 0, k = 0;  // W's shape
+  int transposed = 0;    // 0: the forward product, 1: the input gradient's
+  View a2;               // [M, r] in a's dtype (r even for BF16), or absent: the adapter's left operand
+  View w2;               // F32 or BF16, unit stride along its rows: [n, r] (forward) or [r, k] (transposed)
+  int accumulate = 0;    // 1: out += the products (else out = them)
+  View out;              // [M, n or k] F32 or BF16, unit stride along its columns
+};
+
 // ---- sampling: semantics of python/fusedlm/reference/sampling.py ----
 struct SamplingArgs : Launch {
   View logits;       // [B, V] (F32, BF16 or F16), unit stride along V

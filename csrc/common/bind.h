@@ -81,6 +81,21 @@ inline void bind_views_and_args(py::module_& m) {
                       field("scales", &LoraArgs::scales), field("bias", &LoraArgs::bias), field("h", &LoraArgs::h),
                       field("init", &LoraArgs::init), field("out", &LoraArgs::out));
 
+  bind_args<LoraGemmArgs>(m, "LoraGemmArgs", "Arguments of lora_gemm (common/args.h).", field("a", &LoraGemmArgs::a),
+                          field("w", &LoraGemmArgs::w), field("data", &LoraGemmArgs::data),
+                          field("absmax", &LoraGemmArgs::absmax), field("code", &LoraGemmArgs::code),
+                          field("blocksize", &LoraGemmArgs::blocksize), field("n", &LoraGemmArgs::n),
+                          field("k", &LoraGemmArgs::k), field("transposed", &LoraGemmArgs::transposed),
+                          field("a2", &LoraGemmArgs::a2), field("w2", &LoraGemmArgs::w2),
+                          field("accumulate", &LoraGemmArgs::accumulate), field("out", &LoraGemmArgs::out));
+
+  bind_args<LinearCrossEntropyArgs>(
+      m, "LinearCrossEntropyArgs", "Arguments of linear_cross_entropy_rows (common/args.h).",
+      field("logits", &LinearCrossEntropyArgs::logits), field("targets", &LinearCrossEntropyArgs::targets),
+      field("ignore_index", &LinearCrossEntropyArgs::ignore_index), field("scales", &LinearCrossEntropyArgs::scales),
+      field("loss", &LinearCrossEntropyArgs::loss), field("lse", &LinearCrossEntropyArgs::lse),
+      field("argmax", &LinearCrossEntropyArgs::argmax));
+
   bind_args<SamplingArgs>(m, "SamplingArgs", "Arguments of sampling_run (common/args.h).",
                           field("logits", &SamplingArgs::logits), field("temperature", &SamplingArgs::temperature),
                           field("top_k", &SamplingArgs::top_k), field("top_p", &SamplingArgs::top_p),

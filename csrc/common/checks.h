@@ -3,7 +3,8 @@
 // every argument first, so a failure here (std::invalid_argument, a ValueError in Python) means a
 // bug on the Python side; what they guarantee is that the kernels read and write only within the
 // sizes they get. They read the views' sizes and strides, never the memory behind them, except
-// check_lora, which reads the row grouping (the CPU-only op's host buffers).
+// check_lora, which reads the row grouping, and check_linear_cross_entropy, which reads the targets
+// (the CPU-only ops' host buffers).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -117,6 +118,57 @@ inline void check_lora(const LoraArgs& a) {
   for (int64_t s = 0; s <= n_adapters; ++s) require(segments[s] <= segments[s + 1], "segments must not decrease");
   if (a.rows)
     for (int64_t i = 0; i < M; ++i) require(a.rows.ptr<const int64_t>()[i] >= 0 && a.rows.ptr<const int64_t>()[i] < M, "rows must lie in [0, M)");
+}
+
+// out (+)= a Wᵀ + a2 w2ᵀ or a W + a2 w2 for the base weight W [n, k] (dense w, or NF4 data + absmax)
+inline void check_lora_gemm(const LoraGemmArgs& a) {
+  require(a.n > 0 && a.k > 0, "W must be [n >= 1, k >= 1], got [" + std::to_string(a.n) + ", " + std::to_string(a.k) + "]");
+  if (a.w) {
+    check_view(a.w, "w", {DType::F32, DType::BF16}, {a.n, a.k});
+    require(a.w.stride(1) == 1 || a.k == 1, "w must have unit stride along k");
+  } else {
+    require(a.k % 32 == 0, "an NF4 W needs k % 32 == 0, got k = " + std::to_string(a.k));
+    require(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
+            "blocksize must be a power of two in [32, 4096], got " + std::to_string(a.blocksize));
+    check_contiguous(a.data, "data", {DType::U8}, {-1});
+    require(a.data.numel() == a.n * a.k / 2, "data must hold n k / 2 bytes");
+    check_contiguous(a.absmax, "absmax", {DType::F32}, {(a.n * a.k + a.blocksize - 1) / a.blocksize});
+    check_contiguous(a.code, "code", {DType::F32}, {16});
+  }
+  require(a.transposed == 0 || a.transposed == 1, "transposed must be 0 or 1");
+  const int64_t R = a.transposed ? a.n : a.k, C = a.transposed ? a.k : a.n;
+  check_view(a.a, "a", {DType::F32, DType::BF16}, {-1, R});
+  const int64_t M = a.a.size(0);
+  require(a.a.stride(1) == 1 || R == 1, "a must have unit stride along its columns");
+  require(a.a.dtype != DType::BF16 || R % 2 == 0, "bf16 a needs an even reduction length");
+  if (a.a2) {
+    check_view(a.a2, "a2", {a.a.dtype}, {M, -1});
+    const int64_t r = a.a2.size(1);
+    require(a.a2.stride(1) == 1 || r == 1, "a2 must have unit stride along its columns");
+    require(a.a2.dtype != DType::BF16 || r % 2 == 0, "bf16 a2 needs an even rank");
+    if (a.transposed) check_view(a.w2, "w2", {DType::F32, DType::BF16}, {r, C});
+    else check_view(a.w2, "w2", {DType::F32, DType::BF16}, {C, r});
+    require(a.w2.stride(1) == 1 || a.w2.size(1) == 1, "w2 must have unit stride along its rows");
+  }
+  check_view(a.out, "out", {DType::F32, DType::BF16}, {M, C});
+  require(a.out.stride(1) == 1 || C == 1, "out must have unit stride along its columns");
+}
+
+// ---- linear_cross_entropy ----
+inline void check_linear_cross_entropy(const LinearCrossEntropyArgs& a) {
+  check_view(a.logits, "logits", kFloatTypes, {-1, -1});
+  const int64_t C = a.logits.size(0), V = a.logits.size(1);
+  require(a.logits.stride(1) == 1 || V == 1, "logits must have unit stride along the vocabulary");
+  require(V > 0 && V < (int64_t{1} << 31), "the vocabulary must have 1 to 2^31 - 1 entries");
+  check_contiguous(a.targets, "targets", {DType::I64}, {C});
+  if (a.scales) check_contiguous(a.scales, "scales", {DType::F32}, {C});
+  check_contiguous(a.loss, "loss", {DType::F32}, {C});
+  check_contiguous(a.lse, "lse", {DType::F32}, {C});
+  check_contiguous(a.argmax, "argmax", {DType::I64}, {C});
+  const int64_t* targets = a.targets.ptr<const int64_t>();
+  for (int64_t c = 0; c < C; ++c)
+    require(targets[c] == a.ignore_index || (targets[c] >= 0 && targets[c] < V),
+            "targets must lie in [0, V) or equal ignore_index, got " + std::to_string(targets[c]));
 }
 
 // ---- sampling ----

@@ -25,6 +25,15 @@ void attention_backward(const AttentionArgs& args);
 // ---- lora.cpp ----
 void lora_forward(const LoraArgs& args);
 
+// ---- lora_gemm.cpp ----
+// out (+)= a W^T + a2 w2^T (transposed 0) or a W + a2 w2 (transposed 1): a LoRA layer's products in
+// training, the base weight W dense or NF4.
+void lora_gemm(const LoraGemmArgs& args);
+
+// ---- linear_cross_entropy.cpp ----
+// Per row of a chunk of logits: loss, logsumexp, argmax; with scales, the gradient in place.
+void linear_cross_entropy_rows(const LinearCrossEntropyArgs& args);
+
 // ---- sampling.cpp ----
 void sampling_run(const SamplingArgs& args);
 

@@ -39,7 +39,13 @@ class NF4Linear(nn.Module):
     (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
     ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ``bias``), so
     checkpoints load into either library. The output has x's dtype; gradients flow to x and bias.
+
+    ``compute_dtype`` (bitsandbytes' name): None multiplies in x's dtype; ``torch.bfloat16`` rounds x
+    (and, in the backward, the incoming gradient) to bf16 for the product, with float32 sums, and
+    returns x's dtype (QLoRA's default where the CPU has bf16 dot products: ``peft.apply_qlora``).
     """
+
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  double_quant: bool = False, weight_dtype: torch.dtype = torch.float32, device=None):
@@ -75,14 +81,18 @@ class NF4Linear(nn.Module):
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.nf4_matmul(x, self.qweight, self.bias)
+        cd = self.compute_dtype
+        if cd is None or cd == x.dtype:
+            return ops.nf4_matmul(x, self.qweight, self.bias)
+        return ops.nf4_matmul(x.to(cd), self.qweight, None if self.bias is None else self.bias.to(cd)).to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return ops.nf4_dequantize(self.qweight)
 
     def extra_repr(self) -> str:
+        cd = "" if self.compute_dtype is None else f", compute_dtype={_dtype_name(self.compute_dtype)}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}, double_quant={self.double_quant}, weight_dtype={_dtype_name(self.weight_dtype)}")
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, weight_dtype={_dtype_name(self.weight_dtype)}{cd}")
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod

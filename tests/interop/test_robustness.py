@@ -210,7 +210,7 @@ def test_nf4_model_round_trips_through_fusedlm_and_transformers(tmp_path):
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
     m = fused("llama-tiny")
-    peft.apply_qlora(m, r=4)
+    peft.apply_qlora(m, r=4, compute_dtype=None)  # float32 products, as transformers + bitsandbytes compute below
     randomize(m)
     with pytest.raises(ValueError, match=r"depends on PEFT method\(s\) \['lora'\]"):
         hf.save_pretrained(m, str(tmp_path / "q"))  # QLoRA's adapter cannot merge into 4-bit: save_adapter it
@@ -225,9 +225,23 @@ def test_nf4_model_round_trips_through_fusedlm_and_transformers(tmp_path):
     torch.testing.assert_close(theirs(_ids()).logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_nf4_checkpoint_keeps_its_compute_dtype(tmp_path):
+    m = fused("llama-tiny")
+    peft.quantize(m, compute_dtype=torch.bfloat16)
+    hf.save_pretrained(m, str(tmp_path / "bf16"))
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+    back = hf.from_pretrained(str(tmp_path / "bf16"))
+    assert torch.equal(back(_ids()).logits, m(_ids()).logits)
+    peft.quantize(m, compute_dtype=None)
+    hf.save_pretrained(m, str(tmp_path / "f32"))
+    layers = [x for x in hf.from_pretrained(str(tmp_path / "f32")).modules() if hasattr(x, "compute_dtype")]
+    assert layers and all(x.compute_dtype is None for x in layers)
+
+
 def test_nf4_model_dequantized_on_request(tmp_path):
     m = fused("llama-tiny")
-    peft.quantize(m)
+    peft.quantize(m, compute_dtype=None)  # float32 products, as the dense model computes
     want = m(_ids()).logits
     hf.save_pretrained(m, str(tmp_path / "dense"), dequantize=True)
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())

@@ -113,7 +113,8 @@ def test_nf4_weight_uses_nf4_matmul_base(on_backend, backend):
 # backward
 # ---------------------------------------------------------------------------------------------
 def _grads(fn, case, gates, **kw):
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in case.items() if k != "adapter_ids" and v is not None}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in case.items()
+              if k != "adapter_ids" and isinstance(v, torch.Tensor)}  # an NF4 weight stays as it is (frozen)
     g = gates.detach().clone().requires_grad_()
     y = _call(fn, dict(case, **leaves), gates=g, **kw)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
@@ -183,10 +184,15 @@ def test_opcheck(backend, n_adapters):
     a = (case["lora_a"] if n_adapters else case["lora_a"][None]).requires_grad_()
     b = (case["lora_b"] if n_adapters else case["lora_b"][None]).requires_grad_()
     gates = torch.ones(n_adapters or 1, requires_grad=True)
-    inputs = lora_ops.LoraInputs(x, w, None, a, b, 0.5, case["bias"], case["adapter_ids"], gates, 0.0, None)
+    inputs = lora_ops.LoraInputs(x, w, None, a, b, 0.5, case["bias"], case["adapter_ids"], gates, 0.0, None, None, None, 0, False)
     base = (x @ w.T).detach().requires_grad_()
+    qw = ops.nf4_quantize(case["weight"], blocksize=64)
+    nf4 = inputs._replace(weight=None, nf4_data=qw.data.view(-1), nf4_absmax=qw.absmax, nf4_blocksize=64)
     for checked in (inputs, inputs._replace(dropout_p=0.2, seed=torch.tensor(123)),
-                    inputs._replace(weight=None, base=base, bias=None)):
+                    inputs._replace(weight=None, base=base, bias=None), inputs._replace(compute_bf16=True), nf4,
+                    nf4._replace(compute_bf16=True)):
+        if backend == "triton" and checked.nf4_data is not None:
+            continue  # the op's wrapper gives the triton backend an NF4 base product, never the weight
         # the schema's arguments: the record's fields, then the backend
         torch.library.opcheck(lora_ops._lora_linear_op.custom_op, (*checked, backend))
 
@@ -251,3 +257,88 @@ def test_torch_compile_forward_and_backward(fresh_inductor_cache):
     y_ref.sum().backward()
     torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
     torch.testing.assert_close(a.grad, a_ref.grad, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_adapters", [None, 2])
+def test_autocast_runs_in_bf16_with_float32_gradients(on_backend, backend, n_adapters):
+    if backend == "triton":
+        pytest.skip("the Triton interpreter has no bfloat16")
+    case = _case(12, 32, 24, 4, n_adapters=n_adapters)
+    leaves = {k: v.clone().requires_grad_() for k, v in case.items() if k != "adapter_ids" and v is not None}
+    with on_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _call(ops.lora_linear, dict(case, **leaves))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    bf = {k: v.to(torch.bfloat16) for k, v in case.items() if k != "adapter_ids" and v is not None}
+    expected = _call(ref.lora_linear, dict(case, **bf))  # the operands autocast gives F.linear
+    torch.testing.assert_close(y.float(), expected.float(), **TOL[torch.bfloat16])
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in bf.items()}
+    _call(ref.lora_linear, dict(case, **ref_leaves)).float().sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.float32, name
+        torch.testing.assert_close(leaf.grad, ref_leaves[name].grad.float(), atol=1e-1, rtol=5e-2, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused GEMM of the cpu backend (csrc/cpu/lora_gemm.cpp) and NF4 / bf16-operand records
+# ---------------------------------------------------------------------------------------------
+GEMM_SHAPES = [(1, 32, 32, 1), (7, 96, 64, 3), (33, 200, 160, 16), (130, 300, 1024, 8), (5, 37, 64, 5)]  # M, N, K, r
+
+
+@pytest.mark.parametrize("isa", _backends.cpu_isa_levels())
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=str)
+@pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "nf4"])
+@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_gemm_matches_float64(isa, shape, weight_kind, a_dtype):
+    from fusedlm.ops import _gemm
+
+    m, n, k, r = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    if weight_kind == "nf4":
+        weight = ops.nf4_quantize(w, blocksize=32 if k == 32 else 64, double_quant=True)
+        dense = ops.nf4_dequantize(weight).double()
+    else:
+        weight = w.to(getattr(torch, weight_kind))
+        dense = weight.double()
+    a_f, a_g = torch.randn(m, k, generator=g).to(a_dtype), torch.randn(m, n, generator=g).to(a_dtype)
+    h, dh = torch.randn(m, r, generator=g).to(a_dtype), torch.randn(m, r, generator=g).to(a_dtype)
+    b, lora_a = torch.randn(n, r, generator=g), torch.randn(r, k, generator=g)
+    init_f, init_g = torch.randn(m, n, generator=g), torch.randn(m, k, generator=g)
+    with _backends.cpu_isa_limit(isa):
+        fwd = _gemm.lora_gemm(a_f, weight, transposed=False, a2=h, w2=b, init=init_f, out_dtype=torch.float32)
+        grad = _gemm.lora_gemm(a_g, weight, transposed=True, a2=dh, w2=lora_a, init=init_g, out_dtype=a_dtype)
+    exp_f = init_f.double() + a_f.double() @ dense.T + h.double() @ b.double().T
+    exp_g = init_g.to(a_dtype).double() + a_g.double() @ dense + dh.double() @ lora_a.double()
+    # bf16 operands: the weights (and w2) are rounded to bf16 in the panels where the dot products are native
+    tol = dict(atol=1e-4, rtol=1e-4) if a_dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    assert fwd.dtype == torch.float32 and grad.dtype == a_dtype
+    torch.testing.assert_close(fwd.double(), exp_f, **tol)
+    torch.testing.assert_close(grad.double(), exp_g, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_adapters", [None, 3])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16], ids=str)
+def test_nf4_base_forward_and_grads(on_backend, backend, n_adapters, compute_dtype):
+    case = _case(21, 64, 40, 4, n_adapters=n_adapters)
+    qw = ops.nf4_quantize(case["weight"], blocksize=64, double_quant=True)
+    gates = torch.tensor([0.7] if n_adapters is None else [0.5, 1.0, 2.0])
+    dense = dict(case, weight=ops.nf4_dequantize(qw))
+    if compute_dtype is not None:  # the products' operands rounded to bf16 (float32 sums)
+        dense = {key: v.to(torch.bfloat16).float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for key, v in dense.items()}
+        dense["bias"] = case["bias"]
+    expected = _grads(ref.lora_linear, dense, gates)
+    with on_backend(backend):
+        got = _grads(ops.lora_linear, dict(case, weight=qw), gates, compute_dtype=compute_dtype)
+    tol = dict(atol=2e-4, rtol=2e-4) if compute_dtype is None else dict(atol=5e-2, rtol=5e-2)
+    for name in ("x", "lora_a", "lora_b", "bias", "gates"):
+        torch.testing.assert_close(got[name], expected[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_compute_dtype_is_checked():
+    case = _case(4, 16, 8, 2)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        _call(ops.lora_linear, case, compute_dtype=torch.float16)

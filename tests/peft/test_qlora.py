@@ -41,10 +41,13 @@ def _dense_twin(q):
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
-def test_lora_gradients_equal_lora_on_the_dequantised_weight(name):
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16], ids=str)
+def test_lora_gradients_equal_lora_on_the_dequantised_weight(name, compute_dtype):
+    """Exact in float32 (compute_dtype None); with bf16 operands (the default where the CPU has bf16
+    dot products) within bf16's rounding of the products' operands."""
     q = fused(name)
     q.train()
-    peft.apply_qlora(q, r=4, targets="all")
+    peft.apply_qlora(q, r=4, targets="all", compute_dtype=compute_dtype)
     randomize(q)
     d = _dense_twin(q)
     ids, mask = batch()
@@ -56,7 +59,17 @@ def test_lora_gradients_equal_lora_on_the_dequantised_weight(name):
         grads[-1]["out"] = out.detach()
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
     for key in grads[0]:
-        assert_close(grads[0][key], grads[1][key], rel=1e-4)
+        assert_close(grads[0][key], grads[1][key], rel=1e-4 if compute_dtype is None else 3e-2)
+
+
+def test_auto_compute_dtype_is_bf16_where_the_cpu_has_bf16_dot_products():
+    from fusedlm.ops import _gemm
+
+    m = peft.apply_qlora(fused("llama-tiny"), r=4)
+    expected = torch.bfloat16 if _gemm.native_bf16() else None
+    assert all(layer.base_layer.compute_dtype == expected for _, layer in lora_mod.lora_layers(m))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        peft.apply_qlora(fused("llama-tiny"), r=4, compute_dtype=torch.float16)
 
 
 def test_merging_a_4bit_base_is_an_error():
@@ -88,7 +101,7 @@ def test_loads_a_bitsandbytes_4bit_state_dict(tmp_path):
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     with pytest.raises(ValueError, match="quantize the model first"):
         hf.load_bnb_state_dict(hf.from_pretrained(str(tmp_path)), state)
-    ours = peft.apply_qlora(hf.from_pretrained(str(tmp_path)), r=4)
+    ours = peft.apply_qlora(hf.from_pretrained(str(tmp_path)), r=4, compute_dtype=None)  # bnb's float32 compute
     hf.load_bnb_state_dict(ours, state)
     lin = ref.model.layers[1].mlp.down_proj
     w_bnb = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)

@@ -211,7 +211,9 @@ def _from_pretrained_nf4(path: str, cfg: ModelConfig, quant: dict, tensors: dict
                          "with bnb_4bit_quant_type='nf4')")
     from ..peft.qlora import quantize
 
-    model = quantize(build(cfg), double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)))
+    # the checkpoint's compute dtype, as bitsandbytes reads it: bf16 operands only where it says so
+    compute = torch.bfloat16 if quant.get("bnb_4bit_compute_dtype") == "bfloat16" else None
+    model = quantize(build(cfg), double_quant=bool(quant.get("bnb_4bit_use_double_quant", False)), compute_dtype=compute)
     try:
         load_bnb_state_dict(model, tensors)
     except (ValueError, RuntimeError) as e:
@@ -300,7 +302,7 @@ def _bnb_config(first, tensors: dict, quantized: dict) -> dict:
     dense = sorted({k.removesuffix(".weight") for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2})
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
             "_load_in_8bit": False, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": bool(first.double_quant),
-            "bnb_4bit_compute_dtype": str(first.weight_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_compute_dtype": str(first.compute_dtype or first.weight_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
             "llm_int8_skip_modules": dense or None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
             "llm_int8_enable_fp32_cpu_offload": False}
 

@@ -33,8 +33,12 @@ class LanguageModel(nn.Module):
         h goes in as 2-D: the last position of a prompt (a (B, 1, d) slice whose strides do not fold
         into rows) sends a 3-D F.linear to a batched matmul that copies the whole transposed weight
         first (a 32000 x 2048 bf16 head: ~0.3 s per call)."""
-        weight = self.tok_embed.weight if output is None else output.weight
+        weight = self._vocab_weight(output)
         return F.linear(h.reshape(-1, h.shape[-1]), weight, bias).reshape(*h.shape[:-1], weight.shape[0])
+
+    def _vocab_weight(self, output: nn.Linear | None) -> torch.Tensor:
+        """The [V, d] matrix of the vocabulary projection: `output`'s weight, or the tied embedding."""
+        return self.tok_embed.weight if output is None else output.weight
 
     def _new_cache(self, n_layers: int, batch: int, max_len: int, **prefixes) -> KVCache:
         """A KVCache of n_layers in the embedding's dtype and device (prefixes: see KVCache)."""

@@ -38,6 +38,11 @@ class DecoderLM(LanguageModel):
         """LM logits (..., V) of hidden states (..., d) (the tied embedding or lm_head)."""
         return self._to_vocab(h, self.lm_head)
 
+    def vocab_head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input, weight [V, d], bias) of the vocabulary projection of hidden states h (..., d):
+        ``head(h) = F.linear(input, weight, bias)``; what a fused loss takes (ops.linear_cross_entropy)."""
+        return h, self._vocab_weight(self.lm_head), None
+
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, prefix_len=None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -35,6 +35,13 @@ class EncoderLM(LanguageModel):
         self.classifier = nn.Linear(d, config.n_labels) if config.head == "classifier" else None
         self.classifier_dropout = nn.Dropout(config.dropout)  # on the pooled vector, as BERT's classifier
 
+    def vocab_head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input, weight [V, d], bias) of the MLM head's vocabulary projection of hidden states h
+        (..., d): the input is its transform (dense -> gelu -> LayerNorm); logits = F.linear(input, weight, bias)."""
+        if self.config.head != "lm":
+            raise ValueError(f"this EncoderLM has head={self.config.head!r}: no vocabulary projection")
+        return self.mlm_norm(F.gelu(self.mlm_dense(h))), self._vocab_weight(self.mlm_decoder), self.mlm_bias
+
     def new_cache(self, batch: int, max_len: int, *, prefix_kv=None) -> KVCache:
         """A cache holding prefix keys/values (per layer (k, v), each (B, Hkv, P, D)) for a forward
         of up to `max_len` tokens after them."""
@@ -59,8 +66,7 @@ class EncoderLM(LanguageModel):
         pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None  # (B, d)
         logits, loss = None, None
         if cfg.head == "lm" and return_logits:
-            t = self.mlm_norm(F.gelu(self.mlm_dense(h)))
-            logits = self._to_vocab(t, self.mlm_decoder, self.mlm_bias)  # (B, N, V)
+            logits = F.linear(*self.vocab_head(h))  # (B, N, V)
             loss = mean_token_loss(logits, labels, shift=False)
         elif cfg.head == "classifier" and return_logits:
             logits = self.classifier(self.classifier_dropout(pooled))  # (B, n_labels)

@@ -8,6 +8,7 @@ cross-attention, LM head over the shared token embedding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import ModelConfig
 from .base import LanguageModel
@@ -32,10 +33,16 @@ class Seq2SeqLM(LanguageModel):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) of decoder hidden states (..., d): T5's rescale, the (tied) head, BART's bias."""
+        x, weight, bias = self.vocab_head(h)
+        logits = F.linear(x, weight)
+        return logits + bias if bias is not None else logits
+
+    def vocab_head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input, weight [V, d], bias) of the vocabulary projection of decoder hidden states h (..., d):
+        T5's rescale of a tied head on the input, BART's final_logits_bias as the bias (see :meth:`head`)."""
         if self.config.rescale_tied_head:
             h = h * self.config.d_model**-0.5
-        logits = self._to_vocab(h, self.lm_head)
-        return logits + self.final_logits_bias if self.config.final_logits_bias else logits
+        return h, self._vocab_weight(self.lm_head), self.final_logits_bias if self.config.final_logits_bias else None
 
     def encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                inputs_embeds: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ calls a ``torch.library`` custom op in the ``fusedlm`` namespace, so it works wi
 ``torch.compile`` and ``torch.library.opcheck``."""
 from ._backends import available_backends, use_backend
 from .attention import attention
+from .linear_cross_entropy import linear_cross_entropy
 from .lora import lora_linear
 from .nf4 import NF4Weight, nf4_dequantize, nf4_matmul, nf4_quantize
 from .sampling import filter_logits, sample
@@ -12,6 +13,7 @@ __all__ = [
     "use_backend",
     "attention",
     "lora_linear",
+    "linear_cross_entropy",
     "NF4Weight",
     "nf4_quantize",
     "nf4_dequantize",

@@ -511,7 +511,16 @@ def _matmul_backward(ctx, grad_out):
     # The 4-bit weight is frozen: gradients flow to x (QLoRA) and to the bias.
     (a,) = saved(ctx)
     grads = {}
-    if _nf4_matmul_op.needs_grad(ctx, "x"):
+    if _nf4_matmul_op.needs_grad(ctx, "x") and ctx.backend == "cpu" and a.shape[1] % 32 == 0:
+        # the cpu kernels' tiled GEMM (ops/_gemm.py): dy W with W decoded panel by panel, never whole
+        from ._gemm import lora_gemm
+
+        qw = NF4Weight(a.data.view(-1), a.absmax, a.blocksize, torch.Size(a.shape), torch.float32)
+        dy = grad_out.reshape(-1, a.shape[0])
+        dy = dy if dy.dtype in (torch.float32, torch.bfloat16) else dy.float()
+        dx = lora_gemm(dy, qw, transposed=True, out_dtype=ctx.x_dtype if ctx.x_dtype == dy.dtype else torch.float32)
+        grads["x"] = dx.to(ctx.x_dtype).view(*grad_out.shape[:-1], a.shape[1])
+    elif _nf4_matmul_op.needs_grad(ctx, "x"):
         # through the dequantise custom op, so fake tensors (torch.compile, opcheck) trace it
         w = _nf4_dequantize_op(Nf4DequantizeInputs(a.data, a.absmax, a.blocksize, a.shape, torch.float32), ctx.backend)
         grads["x"] = (grad_out.float() @ w).to(ctx.x_dtype)

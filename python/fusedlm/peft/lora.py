@@ -169,7 +169,7 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         p = self.dropout[name] if self.training else 0.0
         return ops.lora_linear(x, _base_weight(self.base_layer), self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.scaling[name], bias=self.base_layer.bias, dropout_p=p)
+                               self.scaling[name], bias=self.base_layer.bias, dropout_p=p, compute_dtype=self._compute_dtype())
 
     def _mixed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each sequence b with its adapter ids[b] (global index; -1 none): one lora_linear call."""
@@ -191,7 +191,11 @@ class LoraLinear(nn.Module):
                 raise ValueError(f"a mixed-batch training step needs the adapters of one layer to share their dropout, got {sorted(drops)}")
             p = drops.pop()
         return ops.lora_linear(x, _base_weight(self.base_layer), lora_a, lora_b, 1.0, bias=self.base_layer.bias,
-                               adapter_ids=row_ids, gates=gates, dropout_p=p)
+                               adapter_ids=row_ids, gates=gates, dropout_p=p, compute_dtype=self._compute_dtype())
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The products' operand dtype: an NF4 base layer's compute_dtype (QLoRA), else x's."""
+        return getattr(self.base_layer, "compute_dtype", None) if isinstance(self.base_layer, NF4Linear) else None
 
     def _lut(self, device) -> torch.Tensor:
         """LongTensor [1 + n_adapters]: global adapter index + 1 -> this layer's slot (-1: not here)."""

@@ -4,35 +4,38 @@ corruption, denoising, SFT) and sequence log-probs (DPO's, a teacher-forced answ
     loss, metrics = lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     logps, counts = sequence_logprobs(model, ids, mask, labels)     # (B,) each
 
-Both read the logits at the positions that have a label (:func:`labelled_logits`); for a
-DecoderLM only those positions are projected onto the vocabulary (its forward returns hidden
-states, ``model.head`` projects the labelled rows), so SFT's prompt tokens and padding cost no
-vocabulary projection. Labels of ``IGNORE_INDEX`` (-100) take no loss (``fusedlm.models.logprobs``).
+Both run the model for its hidden states only and put the positions that have a label through
+the vocabulary projection and the loss in one fused op, :func:`fusedlm.ops.linear_cross_entropy`:
+the logits of all labelled tokens never exist at once (one chunk of them does), SFT's prompt
+tokens and padding cost no projection, and the loss's gradient is computed while its chunk is in
+cache. Labels of ``IGNORE_INDEX`` (-100) take no loss (``fusedlm.models.logprobs``). Models
+without a ``vocab_head`` (a classifier) are not language models here.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import ops
 from ..models.logprobs import IGNORE_INDEX
 from . import distributed
 
 
-def labelled_logits(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (M, V), targets (M,), keep) at the M labelled positions: keep (B, N - 1) for a
-    decoder (position i predicts label i + 1), (B, N) for an encoder or an encoder-decoder's
-    decoder, True where the label is not IGNORE_INDEX. inputs: the model's keyword arguments."""
+def labelled_rows(model, inputs: dict, labels: torch.Tensor) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """((input (M, d'), weight (V, d'), bias), targets (M,), keep) at the M labelled positions: the
+    vocabulary projection's operands (the model's ``vocab_head``) of those positions only. keep is
+    (B, N - 1) for a decoder (position i predicts label i + 1), (B, N) for an encoder or an
+    encoder-decoder's decoder, True where the label is not IGNORE_INDEX. inputs: the model's
+    keyword arguments."""
     inner = distributed.unwrap(model)
-    shift = inner.config.arch == "decoder"
+    arch = inner.config.arch
+    shift = arch == "decoder"
     targets = labels[:, 1:] if shift else labels
     keep = targets != IGNORE_INDEX
-    if shift and hasattr(inner, "head"):
-        h = model(**inputs, return_logits=False).last_hidden_state  # (B, N, d)
-        logits = inner.head(h[:, :-1][keep])  # (M, V): only the labelled positions
-    else:  # the model's own logits (a seq2seq takes its decoder inputs from the labels)
-        logits = model(**inputs, labels=labels).logits
-        logits = (logits[:, :-1] if shift else logits)[keep]
-    return logits, targets[keep], keep
+    if arch == "encoder-decoder" and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None:
+        inputs = dict(inputs, decoder_input_ids=inner.shift_right(labels))  # teacher forcing, as forward(labels=...) does
+    h = model(**inputs, return_logits=False).last_hidden_state  # (B, N, d)
+    rows = (h[:, :-1] if shift else h)[keep]  # (M, d): only the labelled positions
+    return inner.vocab_head(rows), targets[keep], keep
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -48,11 +51,12 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     if (distributed.unwrap(model).config.arch != "encoder-decoder" and isinstance(ids, torch.Tensor)
             and tuple(labels.shape) != tuple(ids.shape[:2])):
         raise ValueError(f"labels must have the shape of input_ids {list(ids.shape[:2])}, got {list(labels.shape)}")
-    logits, targets, _ = labelled_logits(model, inputs, labels)
+    (x, weight, bias), targets, _ = labelled_rows(model, inputs, labels)
     if targets.numel() == 0:  # nothing to learn here: a zero that keeps DDP's reducer in step, and a count
-        return logits.sum() * 0.0, {"accuracy": 0.0, "labelled_tokens": 0}  # the Trainer does not average in
-    loss = F.cross_entropy(logits.float(), targets)
-    accuracy = (logits.detach().argmax(-1) == targets).float().mean().item()
+        zero = x.sum() * 0.0 + weight.sum() * 0.0 + (0.0 if bias is None else bias.sum() * 0.0)
+        return zero, {"accuracy": 0.0, "labelled_tokens": 0}  # the Trainer does not average in
+    loss, argmax = ops.linear_cross_entropy(x, weight, targets, bias=bias, return_argmax=True)
+    accuracy = (argmax == targets).float().mean().item()
     return loss, {"accuracy": accuracy, "labelled_tokens": targets.numel()}
 
 
@@ -61,9 +65,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Summed log-probs of the labelled tokens of each row (a decoder: label i + 1 given the
     tokens up to i) and their counts, (B,) each, float32. model_kwargs: more of the model's
     keyword arguments (``task_ids``, ...)."""
-    logits, targets, keep = labelled_logits(model, dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs),
-                                            labels)
-    token_lp = -F.cross_entropy(logits.float(), targets, reduction="none")  # (M,)
+    (x, weight, bias), targets, keep = labelled_rows(
+        model, dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs), labels)
+    token_lp = -ops.linear_cross_entropy(x, weight, targets, bias=bias, reduction="none")  # (M,)
     rows = keep.nonzero()[:, 0]
     seq = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_lp)
     return seq, keep.sum(1)
