@@ -153,3 +153,32 @@ def test_last_logits_only():
     torch.testing.assert_close(last, full[:, -1:])
     with pytest.raises(ValueError, match="last_logits_only"):
         model(ids, labels=ids, last_logits_only=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])  # tied embedding head / separate lm_head
+def test_labels_without_logits_take_the_fused_loss(name):
+    """forward(labels=, return_logits=False): the loss of the logits path and its gradients, with no logits."""
+    ids, mask = batch()
+    labels = ids.masked_fill(~mask, -100)
+    labels[0, 2] = -100
+    runs = []
+    for return_logits in (True, False):
+        model = fused(name)
+        out = model(ids, attention_mask=mask, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_ref, grads_ref), (loss, grads) = runs
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_labels_without_logits_edges():
+    model = fused("llama-tiny")
+    ids, _ = batch()
+    out = model(ids, labels=torch.full_like(ids, -100), return_logits=False)
+    assert out.loss.item() == 0.0  # nothing labelled: 0, not NaN
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(ids, labels=ids[:, :-1], return_logits=False)

@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .base import LanguageModel
 from .cache import KVCache
 from .inputs import ModelOutput, token_inputs
-from .logprobs import mean_token_loss
+from .logprobs import fused_token_loss, mean_token_loss
 from .stack import Stack
 
 
@@ -55,21 +55,23 @@ class DecoderLM(LanguageModel):
         :meth:`new_cache`: earlier calls, a prefix that counts as P past tokens); written to.
 
         last_logits_only: logits (B, 1, V) of the last position only (all generation needs);
-        return_logits=False: no logits (hidden states only)."""
+        return_logits=False: no logits (hidden states only; with labels, the loss is computed by the
+        fused LM head + loss, ops.linear_cross_entropy, and the (B, N, V) logits are never stored)."""
         cfg = self.config
         x, padding_mask = token_inputs(self, "input_ids", input_ids, inputs_embeds, "attention_mask", attention_mask)  # (B, N, d)
         if cfg.attn_mode == "prefix" and prefix_len is None:
             raise ValueError("this model's config.attn_mode is 'prefix': pass prefix_len (an int or a LongTensor [B])")
         if last_logits_only and labels is not None:
             raise ValueError("labels need the logits of every position: drop last_logits_only")
-        if labels is not None and not return_logits:
-            raise ValueError("labels need logits: drop return_logits=False")
         h, hidden = self.decoder(x, padding_mask, attn_mode="causal" if prefix_len is None else "prefix", prefix_len=prefix_len,
                                  position_ids=position_ids, cache=cache)
-        logits = None
+        logits = loss = None
         if return_logits:
             logits = self.head(h[:, -1:] if last_logits_only else h)  # (B, N or 1, V)
-        return ModelOutput(logits=logits, last_hidden_state=h, loss=mean_token_loss(logits, labels, shift=True),
+            loss = mean_token_loss(logits, labels, shift=True)
+        elif labels is not None:
+            loss = fused_token_loss(self.vocab_head, h, labels, shift=True)
+        return ModelOutput(logits=logits, last_hidden_state=h, loss=loss,
                            hidden_states=hidden if output_hidden_states else None)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:

@@ -29,6 +29,20 @@ def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor | None, *, shift:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def fused_token_loss(head, h: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """:func:`mean_token_loss` of ``head`` applied to hidden states h (B, N, d), without the logits:
+    ``head(x) = (input, weight, bias)`` of the vocabulary projection (a model's ``vocab_head``), the
+    loss by ``ops.linear_cross_entropy`` in chunks of rows (peak memory: one chunk of logits).
+    A batch with no label to learn gives 0 (``mean_token_loss`` gives NaN there)."""
+    from .. import ops  # models run on ops; imported here so that this module stays importable alone
+
+    _check(h, labels)
+    if shift:
+        h, labels = h[:, :-1], labels[:, 1:]
+    x, weight, bias = head(h)
+    return ops.linear_cross_entropy(x, weight, labels, bias=bias, ignore_index=IGNORE_INDEX)
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[b, i]) under logits[b, i] (B, N, V), float32 (B, N); 0 where the label is IGNORE_INDEX.
 
