@@ -15,6 +15,19 @@ def test_linear_bytes_counts_what_the_kernels_read():
     assert bench_decode.linear_bytes(nf4) == 48 * 128 // 2 + 48 * 2 * 4  # nibbles + float32 absmax per block
 
 
+def test_linear_bytes_of_a_bitsandbytes_layer_patched_by_apply():
+    bnb = pytest.importorskip("bitsandbytes")
+    from fusedlm.integrations import nf4 as nf4_integration
+
+    layer = bnb.nn.Linear4bit(128, 48, bias=False, quant_type="nf4", compress_statistics=True)  # double quant: uint8 absmax stored
+    layer.load_state_dict(torch.nn.Linear(128, 48, bias=False).state_dict())
+    layer = layer.to("cpu")  # quantises
+    nf4_integration.patch(layer)
+    assert bench_decode.linear_bytes(layer) == 48 * 128 // 2 + 48 * 128 // 64 * 4  # fusedlm's tiles, float32 absmax
+    nf4_integration.unpatch(layer)
+    assert bench_decode.linear_bytes(layer) == 48 * 128 // 2 + 48 * 128 // 64  # bitsandbytes' stored bytes
+
+
 def test_quick_path_runs_on_tiny_shapes(monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setattr(bench_decode, "read_bandwidth", lambda: (1.0, 20.0))  # no 1 GiB probe in a test

@@ -17,7 +17,7 @@ new tokens are decoded one at a time (quick: 16, full: 64); extra: tokens/s. Gro
 Each decode row has ``weight_MB_per_tok`` — the bytes of the linear layers (blocks + head) a
 token reads: dense weights as stored, fusedlm NF4 as its CPU kernel reads them (packed nibbles +
 float32 absmax), bitsandbytes as its kernel reads them (packed nibbles + bf16 scales once
-repacked, else its stored absmax) — and ``pct_of_read_bw``: those bytes per decode step against
+repacked, else its stored absmax; after ``integrations.apply`` fusedlm's tiles, as NF4Linear) — and ``pct_of_read_bw``: those bytes per decode step against
 the read bandwidth probed in the same run (``torch.sum`` over 1 GiB, on torch's threads). A
 limit row per decode case is the first fusedlm row's bytes at that bandwidth. Greedy tokens of
 every row are compared with the first row of their case (``same_tokens``). Implementations of a
@@ -49,9 +49,11 @@ def linear_bytes(model: torch.nn.Module) -> int:
 
     try:
         import bitsandbytes as bnb
+
+        from fusedlm.integrations import nf4 as nf4_integration
         linear4bit = bnb.nn.Linear4bit
     except ImportError:
-        linear4bit = ()
+        linear4bit = nf4_integration = ()
     total = 0
     for module in model.modules():
         if isinstance(module, NF4Linear):
@@ -60,7 +62,10 @@ def linear_bytes(model: torch.nn.Module) -> int:
         elif linear4bit and isinstance(module, linear4bit):
             n, k = module.out_features, module.in_features
             state = module.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):  # repacked: bf16 scales
+            forward = module.__dict__.get("forward")
+            if getattr(forward, "__func__", None) is nf4_integration._forward:  # patched by integrations.apply
+                total += n * k // 2 + n * k // state.blocksize * 4  # fusedlm's CPU tiles, as NF4Linear
+            elif getattr(state, "packing_format_for_cpu", False):  # repacked: bf16 scales
                 total += n * k // 2 + n * k // state.blocksize * 2
             else:
                 total += module.weight.data.nbytes + state.absmax.nbytes
