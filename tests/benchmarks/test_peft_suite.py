@@ -44,3 +44,12 @@ def test_gemm_peak_rows_report_a_rate():
     rows = bench_peft.gemm_peak()
     assert set(rows) == {"fp32", "bf16"}
     assert all(r.floor and r.extra["GFLOP/s"] > 0 for r in rows.values())
+
+
+def test_refloor_moves_the_floor_and_the_ratios_to_a_faster_peak():
+    rows = [Row("peft", "c", "fusedlm LoRA", 20.0, {"x_floor": 2.0}), Row("peft", "c", "peft", 30.0, {"x_floor": 3.0}),
+            Row("peft", "c", "FLOP floor 4·P·T at the bf16 GEMM peak", 10.0, {"GFLOP": 2.0, "GEMM GFLOP/s": 200.0}, floor=True)]
+    bench_peft._refloor(rows, {"fp32": Row("peft", "p", "fp32", 1.0, {"GFLOP/s": 100.0}),
+                               "bf16": Row("peft", "p", "bf16", 1.0, {"GFLOP/s": 400.0})})
+    assert rows[2].ms == pytest.approx(5.0) and rows[2].extra["GEMM GFLOP/s"] == 400.0  # 2 GFLOP at 400 GFLOP/s
+    assert rows[0].extra["x_floor"] == pytest.approx(4.0) and rows[1].extra["x_floor"] == pytest.approx(6.0)
