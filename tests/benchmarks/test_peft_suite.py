@@ -41,9 +41,10 @@ def test_fine_tuning_case_rows(method):
 
 
 def test_gemm_peak_rows_report_a_rate():
-    rows = bench_peft.gemm_peak()
+    rows = bench_peft.gemm_peak(calls=2)
     assert set(rows) == {"fp32", "bf16"}
     assert all(r.floor and r.extra["GFLOP/s"] > 0 for r in rows.values())
+    assert set(bench_peft.gemm_peak(calls=1, bf16=False)) == {"fp32"}  # no emulated bf16 GEMM where no bf16 case runs
 
 
 def test_refloor_moves_the_floor_and_the_ratios_to_a_faster_peak():

@@ -18,7 +18,7 @@ def test_tiny_run_fills_every_column(monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setattr(bench_training, "_shape", lambda full: TINY)
     monkeypatch.setattr(bench_training, "_round_fns", lambda fns, *a: fns)  # trl's trainers: not in a unit test
-    monkeypatch.setattr(bench_peft, "gemm_peak", lambda calls=8, suite="training": {
+    monkeypatch.setattr(bench_peft, "gemm_peak", lambda calls=8, suite="training", bf16=True: {
         k: Row(suite, "GEMM peak", k, 1.0, {"GFLOP/s": rate}, floor=True) for k, rate in (("fp32", 100.0), ("bf16", 200.0))})
     rows = bench_training.run(full=False)
     sft = [r for r in rows if r.case.startswith("SFT")]

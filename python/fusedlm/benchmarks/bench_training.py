@@ -259,7 +259,7 @@ def run(full: bool = False) -> list[Row]:
         print("transformers not installed: peers skipped")
     sft, pairs = _data(s, 64)
     rounds, per_round = (3, 2) if full else (2, 2)
-    peak = gemm_peak(suite=SUITE)
+    peak = gemm_peak(suite=SUITE, bf16=full)  # the bf16 cases run in --full only
     cases = []
     for bf16 in (False, True) if full else (False,):
         tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} {'bf16 autocast' if bf16 else 'fp32'}"
@@ -274,7 +274,7 @@ def run(full: bool = False) -> list[Row]:
             fns = _round_fns({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)}, "dpo", peer, pairs, s,
                              bf16, out)
             cases.append(_rows(case, "dpo", _alternating(fns, rounds, per_round), fns, s, peak, bf16))
-    again = gemm_peak(suite=SUITE)
+    again = gemm_peak(suite=SUITE, bf16=full)
     if any(again[k].ms < peak[k].ms for k in peak):  # a faster peak: every floor at it
         peak = {k: min(peak[k], again[k], key=lambda r: r.ms) for k in peak}
         cases = [_refloor(rows, peak) for rows in cases]
