@@ -15,6 +15,19 @@ d=512, 8 heads, d_ff=1408, N=512, B=4, in fp32 and in bf16 autocast (fp32 master
 default, which its configs turn on unless told otherwise); vocab 32000 in both. Every implementation of a case is timed in
 alternating rounds (trl's trainers in their own loop: one train() per round, a callback times
 each step), so the ratios of a run are measured under the same machine load; quote those.
+
+Columns besides the time: ``peak_MiB`` (fusedlm's Trainer and the transformers loop; not measured
+inside trl's train()) = the bytes of the model, its gradients and the AdamW state when a step
+starts plus the peak of torch's live allocations during one step (torch.profiler memory events,
+as bench_peft). ``GFLOP/s`` = the case's FLOP floor / step time and ``x_floor`` = step time / the
+floor's time, the floor being a full fine-tuning step's 6·P·T FLOPs (forward 2·P·T, input and
+weight gradients 4·P·T), plus the frozen reference's forward 2·P·T for DPO (8·P·T), with
+T = batch · seq tokens (every token through the whole model and the head, though the loss covers the
+responses only: fusedlm's fused head + loss skips the prompt rows, so it can come below this floor's
+head share) and P = the weights of every GEMM: n_layers · (4·d² + 3·d·d_ff) + d·V (the LM head;
+embeddings, attention scores, norms and AdamW not counted). The floor's time is those FLOPs at the
+same-run GEMM peak (bench_peft.gemm_peak: a 2048³ torch matmul, fp32 or bf16 as the case, the
+fastest call, before and after the cases, the faster of the two).
 """
 from __future__ import annotations
 
@@ -80,6 +93,38 @@ def _stepper(step):
     return run
 
 
+def _with_memory(run, step, model, optimizer):
+    """The round function `run` with .peak_mib(): the peak memory of one more step (see the module docstring)."""
+    from .bench_peft import _peak_mib
+
+    run.peak_mib = lambda: _peak_mib(step, model, optimizer)
+    return run
+
+
+def floor_flops(s: dict, kind: str) -> tuple[float, int]:
+    """(FLOPs, P) of one step's floor: 6·P·T (SFT) or 8·P·T (DPO: + the reference's forward), see the module docstring."""
+    d, f = s["d_model"], s["d_ff"]
+    p = s["n_layers"] * (4 * d * d + 3 * d * f) + d * V
+    return (6 if kind == "sft" else 8) * p * s["batch"] * s["seq"], p
+
+
+def _rows(case: str, kind: str, times: dict, fns: dict, s: dict, peak: dict, bf16: bool) -> list[Row]:
+    """One case's rows: each implementation's time with tok/s, GFLOP/s, x_floor and (where
+    measured) peak memory, then the FLOP floor at the same-run GEMM peak."""
+    flops, p = floor_flops(s, kind)
+    rate = peak["bf16" if bf16 else "fp32"].extra["GFLOP/s"]
+    floor_ms = flops / rate / 1e6
+    rows = []
+    for name, ms in times.items():
+        extra = {"tok_per_s": s["batch"] * s["seq"] / ms * 1e3, "GFLOP/s": flops / ms / 1e6, "x_floor": ms / floor_ms}
+        if hasattr(fns[name], "peak_mib"):
+            extra["peak_MiB"] = fns[name].peak_mib()
+        rows.append(Row(SUITE, case, name, ms, extra))
+    rows.append(Row(SUITE, case, f"FLOP floor {6 if kind == 'sft' else 8}·P·T at the {'bf16' if bf16 else 'fp32'} GEMM peak",
+                    floor_ms, {"P": p, "GFLOP": flops / 1e9, "GEMM GFLOP/s": rate}, floor=True))
+    return rows
+
+
 def _alternating(fns: dict, rounds: int, per_round: int) -> dict[str, float]:
     """Median step time (ms) of each round function (n -> n step times), timed in alternating
     rounds after one warm-up step each, so every implementation sees the same machine load."""
@@ -100,7 +145,7 @@ def _fusedlm_sft(model, sft, s, bf16):
     data = [sft_example(p, r, eos_token_id=2) for p, r in sft]
     trainer = Trainer(model, lm_loss, data, batch_size=s["batch"], max_steps=10**9, lr=1e-5, schedule="constant",
                       max_grad_norm=1.0, bf16=bf16, progress=False)
-    return _stepper(trainer.train_step)
+    return _with_memory(_stepper(trainer.train_step), trainer.train_step, trainer.model, trainer.optimizer)
 
 
 def _hf_sft(peer, sft, s, bf16):
@@ -118,7 +163,7 @@ def _hf_sft(peer, sft, s, bf16):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _stepper(step)
+    return _with_memory(_stepper(step), step, peer, opt)
 
 
 def _fusedlm_dpo(model, pairs, s, bf16):
@@ -129,7 +174,7 @@ def _fusedlm_dpo(model, pairs, s, bf16):
     data = [preference_example(p, c, r, eos_token_id=2) for p, c, r in pairs]
     trainer = Trainer(model, DPO(frozen_copy(model)), data, batch_size=s["batch"] // 2, max_steps=10**9, lr=1e-5,
                       schedule="constant", max_grad_norm=1.0, bf16=bf16, progress=False)
-    return _stepper(trainer.train_step)
+    return _with_memory(_stepper(trainer.train_step), trainer.train_step, trainer.model, trainer.optimizer)
 
 
 SPECIAL = {0: "<pad>", 1: "<unk>", 2: "<eos>"}  # never substrings of a word (special tokens match anywhere)
@@ -206,14 +251,16 @@ def _round_fns(fns: dict, kind: str, peer, examples, s, bf16: bool, out: str) ->
 
 
 def run(full: bool = False) -> list[Row]:
+    from .bench_peft import _refloor, gemm_peak
+
     s = _shape(full)
     ours, peer = _models(s)
     if peer is None:
         print("transformers not installed: peers skipped")
     sft, pairs = _data(s, 64)
-    tokens = s["batch"] * s["seq"]
     rounds, per_round = (3, 2) if full else (2, 2)
-    rows = []
+    peak = gemm_peak(suite=SUITE, bf16=full)  # the bf16 cases run in --full only
+    cases = []
     for bf16 in (False, True) if full else (False,):
         tag = f"llama {s['n_layers']}L d{s['d_model']} N={s['seq']} B={s['batch']} {'bf16 autocast' if bf16 else 'fp32'}"
         with tempfile.TemporaryDirectory() as out:
@@ -221,10 +268,14 @@ def run(full: bool = False) -> list[Row]:
             fns = {"fusedlm Trainer": _fusedlm_sft(copy.deepcopy(ours), sft, s, bf16)}
             if peer is not None:
                 fns["transformers + AdamW loop"] = _hf_sft(copy.deepcopy(peer), sft, s, bf16)
-            for name, ms in _alternating(_round_fns(fns, "sft", peer, sft, s, bf16, out), rounds, per_round).items():
-                rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
+            fns = _round_fns(fns, "sft", peer, sft, s, bf16, out)
+            cases.append(_rows(case, "sft", _alternating(fns, rounds, per_round), fns, s, peak, bf16))
             case = f"DPO step, {s['batch'] // 2} pairs, frozen-copy reference, {tag}"
-            fns = {"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)}
-            for name, ms in _alternating(_round_fns(fns, "dpo", peer, pairs, s, bf16, out), rounds, per_round).items():
-                rows.append(Row(SUITE, case, name, ms, {"tok_per_s": tokens / ms * 1e3}))
-    return rows
+            fns = _round_fns({"fusedlm Trainer + DPO": _fusedlm_dpo(copy.deepcopy(ours), pairs, s, bf16)}, "dpo", peer, pairs, s,
+                             bf16, out)
+            cases.append(_rows(case, "dpo", _alternating(fns, rounds, per_round), fns, s, peak, bf16))
+    again = gemm_peak(suite=SUITE, bf16=full)
+    if any(again[k].ms < peak[k].ms for k in peak):  # a faster peak: every floor at it
+        peak = {k: min(peak[k], again[k], key=lambda r: r.ms) for k in peak}
+        cases = [_refloor(rows, peak) for rows in cases]
+    return list(peak.values()) + [r for rows in cases for r in rows]

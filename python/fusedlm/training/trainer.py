@@ -53,7 +53,10 @@ class TrainConfig:
     warmup_steps: int = 0  # linear from 0 to lr, as transformers' get_*_schedule_with_warmup
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
     max_grad_norm: float | None = 1.0  # >= 0; None or 0: no clipping (transformers' 0)
-    bf16: bool = False  # autocast forward and loss to bfloat16 (CPU or CUDA)
+    # autocast the forward and the loss to bfloat16 (fp32 master weights, gradients and AdamW state):
+    # True, False, or "auto" = where bf16 is native (CUDA with bf16 support; a CPU whose fusedlm kernels
+    # run bf16 dot products, avx512_bf16). False by default: on AVX2 CPUs bf16 is emulated and slower
+    bf16: bool | str = False
     eval_every: int = 0  # steps between evaluations (0: only when evaluate() is called)
     eval_batch_size: int | None = None  # default: batch_size
     eval_max_batches: int | None = None
@@ -88,6 +91,8 @@ class TrainConfig:
         check.integer("TrainConfig.warmup_steps", self.warmup_steps, low=0, high=self.max_steps)
         check.choice("TrainConfig.strategy", self.strategy, ("auto", *distributed.STRATEGIES))
         check.choice("TrainConfig.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.bf16 not in (True, False, "auto") or not isinstance(self.bf16, (bool, str)):
+            raise ValueError(f"TrainConfig.bf16 must be True, False or 'auto', got {self.bf16!r}")
         if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
             raise TypeError(f"TrainConfig.out_dir must be a path or None, got {type(self.out_dir).__name__}")
 
@@ -102,6 +107,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     decay = max(0.0, 1.0 - progress) if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is native on `device` (TrainConfig.bf16 = "auto"): a CUDA device with bf16
+    support, or a CPU whose fusedlm kernels run bf16 dot products (avx512_bf16; fusedlm._C built)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        from ..ops import _gemm
+
+        return _gemm.native_bf16()
+    except (ImportError, RuntimeError):  # no fusedlm._C: the reference path, where bf16 is emulated
+        return False
 
 
 def count_tokens(batch: Any) -> int:
@@ -183,10 +203,11 @@ class Trainer:
         self.history: list[dict] = []
         self.device = next(self.model.parameters()).device
         self._device_type = self.device.type
+        self.bf16 = native_bf16(self.device) if cfg.bf16 == "auto" else cfg.bf16  # what the autocast uses
 
     # -----------------------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _no_sync(self, last_micro: bool):
         """Skips the gradient all-reduce on all but the last micro-batch of an optimizer step."""
