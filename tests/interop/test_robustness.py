@@ -293,16 +293,21 @@ def _assert_untouched(model, before):
     assert peft.methods(model) == []
 
 
+def _assert_load_fails_cleanly(base_dir, d, error, match):
+    """Loading the adapter folder `d` raises `error` naming the folder and leaves the model as it was."""
+    model = _lora_model(base_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match) as e:
+        peft_files.load_adapter(model, str(d))
+    assert str(d) in str(e.value)
+    _assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("changes, match", ADAPTER_CONFIG, ids=[m.split(" ")[0][:24] for _, m in ADAPTER_CONFIG])
 def test_adapter_config_fields_that_change_the_forward_are_errors(base_dir, adapter_dir, tmp_path, changes, match):
     d = _copy(adapter_dir, tmp_path)
     _edit_json(d / "adapter_config.json", **changes)
-    model = _lora_model(base_dir)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=match) as e:
-        peft_files.load_adapter(model, str(d))
-    assert str(d) in str(e.value)
-    _assert_untouched(model, before)
+    _assert_load_fails_cleanly(base_dir, d, ValueError, match)
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "nora"])
@@ -351,12 +356,7 @@ ADAPTER_FILES = [
 def test_broken_adapter_folders_name_the_path_and_change_nothing(base_dir, adapter_dir, tmp_path, damage, error, match):
     d = _copy(adapter_dir, tmp_path)
     damage(d)
-    model = _lora_model(base_dir)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(error, match=match) as e:
-        peft_files.load_adapter(model, str(d))
-    assert str(d) in str(e.value)
-    _assert_untouched(model, before)
+    _assert_load_fails_cleanly(base_dir, d, error, match)
 
 
 @pytest.fixture(scope="module")
