@@ -40,7 +40,8 @@ row's documented numerics can flip (bf16 activations in the GEMV, a bf16 model o
 process that loads only that model (``python -m fusedlm.benchmarks.bench_decode``, same threads
 and ISA cap): its peak resident set (VmHWM) over the prefill + greedy decode -- the first forward
 included, where bitsandbytes repacks and fusedlm makes its CPU tiles -- minus its resident set
-after the imports, before the model was loaded. Loading is left out: VmHWM is reset after it
+before the model was loaded (after the same recipe ran on a tiny model and was freed, so that the
+libraries each row imports lazily are in that baseline, not in the peak). Loading is left out: VmHWM is reset after it
 (writing 5 to /proc/self/clear_refs, Linux); where that cannot be done, the peak includes the
 load and ``peak_includes_load`` is set.
 """
@@ -68,6 +69,7 @@ SHAPE = dict(d_model=2048, d_ff=5632, n_heads=32, n_kv_heads=4, vocab_size=32000
 QUICK = dict(n_layers=4, prompt=32, new=16)
 FULL = dict(n_layers=22, prompt=128, new=64)
 BLOCKSIZE = 64
+WARMUP_SHAPE = dict(d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, vocab_size=256, n_layers=1)  # see _peak_child
 FLOAT64_REFERENCE_BYTES = 3e9  # a reference model whose float64 weights fit in this runs in float64, else float32
 
 # how each decode row is rebuilt in a child process to measure its peak memory: (model, dtype, quantisation)
@@ -293,25 +295,42 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _release() -> None:
+    """Frees garbage and hands the C heap's free memory back to the OS (glibc's malloc_trim), so
+    that the resident set is what is alive."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _peak_child(spec: dict) -> dict:
     """Runs in the child process (see the module docstring): loads one model, prefills, decodes."""
     import resource
 
+    from fusedlm.interop import hf
+
     torch.set_num_threads(spec["threads"])
-    import fusedlm.interop.hf  # noqa: F401  -- the imports a row needs, before the baseline
-    import fusedlm.peft.qlora  # noqa: F401
-    if RECIPES[spec["impl"]][0] == "hf":
+    recipe = RECIPES[spec["impl"]]
+    if recipe[0] == "hf":
         import transformers
         transformers.utils.logging.disable_progress_bar()
-        if RECIPES[spec["impl"]][2]:
-            import bitsandbytes  # noqa: F401
-
-            import fusedlm.integrations  # noqa: F401
+    # The same recipe on a tiny model first, so that the baseline holds every module and library
+    # the row imports on its way (transformers and bitsandbytes import lazily), not the row's peak.
+    with tempfile.TemporaryDirectory() as tiny, torch.inference_mode():
+        hf.save_pretrained(_fusedlm_model({**SHAPE, **WARMUP_SHAPE}), tiny)
+        kind, model = _build(recipe, tiny)
+        _trace(kind, model, torch.zeros(1, 2, dtype=torch.long), 2)
+        del model
+    _release()
     linux = os.path.exists("/proc/self/status")
     base_kib = _rss_kib("VmRSS") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.inference_mode():
-        kind, model = _build(RECIPES[spec["impl"]], spec["path"])
-        gc.collect()
+        kind, model = _build(recipe, spec["path"])
+        _release()  # what loading freed (e.g. a float32 copy) is not counted as resident
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS
