@@ -159,7 +159,7 @@ def test_chart_has_a_panel_per_suite_and_colours_only_peers(tmp_path):
     rows = _rows() + [
         Row("other", "m=1", "fusedlm[cpu]", 1.0), Row("other", "m=1", "fast peer", 0.5),
         Row("other", "m=1", "apply() in transformers", 3.0, kind="context"), Row("other", "m=1", "bound", 0.25, floor=True),
-        Row("other", "no fusedlm row", "peer alone", 1.0),
+        Row("other", "no fusedlm row", "peer alone", 1.0), Row("other", "m=1", "bitsandbytes (not installed)", float("nan")),
     ]
     panels = _harness._chart_bars(rows)
     assert list(panels) == ["toy", "other"]

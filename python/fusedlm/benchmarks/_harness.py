@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -240,7 +241,7 @@ def _chart_bars(rows: list[Row]) -> dict[str, list[tuple[str, float, str]]]:
         if ours is None:
             continue
         for r in case_rows:
-            if r is not ours:
+            if r is not ours and math.isfinite(r.ms / ours.ms):  # a peer that did not run (NaN) has no bar
                 kind = kind_of(r)
                 label = f"{case}: {'limit: ' if kind == 'limit' else ''}{r.impl} vs {ours.impl}"
                 panels.setdefault(suite, []).append((label, r.ms / ours.ms, kind))
