@@ -49,7 +49,7 @@ def test_quick_path_runs_on_tiny_shapes(monkeypatch):
     assert len(floors) == 3 and all(r.extra["read_bw_GB/s"] == 20.0 for r in floors)
     nf4 = {r.impl: r for r in decode if "NF4" in r.case}
     for name, row in nf4.items():  # every NF4 row against its exact reference
-        assert row.extra["ref_tokens"].endswith("/4 same"), name
+        assert row.extra["ref_tokens"].endswith("/4 same") and row.extra["ref_dtype"] == "float64", name
         if row.extra["ref_tokens"] != "4/4 same":
             assert row.extra["ref_margin"] >= 0 and row.extra["ref_top2_margin"] >= 0
     if "transformers + bitsandbytes NF4 + fusedlm apply()" in nf4:
@@ -104,7 +104,8 @@ def test_exact_reference_of_a_fusedlm_nf4_model(tiny_checkpoint):
         torch.testing.assert_close(w.float(), ops.nf4_dequantize(layer.qweight), rtol=2**-24, atol=0)
     assert all(p.dtype == torch.float64 for p in ref.parameters())
     prompt = torch.randint(0, TINY["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(1))
-    ref_tokens, ref_logits = bench_decode._reference_trace("fusedlm", ref, prompt, 6)
+    ref_tokens, ref_logits, ref_dtype = bench_decode._reference_trace("fusedlm", ref, prompt, 6)
+    assert ref_dtype == "float64"
     tokens, logits = bench_decode._trace("fusedlm", model, prompt, 6)
     got = bench_decode.compare_with_reference(tokens, logits, ref_tokens, ref_logits)
     # fp32 products of the exact weights: the same tokens, logits within float32 rounding

@@ -246,7 +246,7 @@ def _bnb_reference(model: torch.nn.Module, path: str) -> torch.nn.Module:
 def _group(rows: list[Row], label: str, impls: dict, prompt: torch.Tensor, n_new: int, gbs: float,
            refs: dict | None = None, kinds: dict | None = None) -> None:
     """Times prefill and decode of each model of `impls` (name -> (kind, model)) in alternating
-    rounds. `refs`: name -> (tokens, logits) of the row's exact reference (:func:`_trace`);
+    rounds. `refs`: name -> (tokens, logits, dtype name) of the row's exact reference (:func:`_reference_trace`);
     `kinds`: name -> Row.kind where the impl name does not say it."""
     refs, kinds = refs or {}, kinds or {}
     n = prompt.shape[1]
@@ -262,7 +262,8 @@ def _group(rows: list[Row], label: str, impls: dict, prompt: torch.Tensor, n_new
         extra = {"tok_per_s": n_new / ms * 1e3, "weight_MB_per_tok": nbytes / 1e6,
                  "pct_of_read_bw": 100 * nbytes * n_new / (ms * 1e-3) / (gbs * 1e9), "same_tokens": traces[name][0] == first}
         if name in refs:
-            extra.update(compare_with_reference(*traces[name], *refs[name]))
+            ref_tokens, ref_logits, ref_dtype = refs[name]
+            extra.update(compare_with_reference(*traces[name], ref_tokens, ref_logits), ref_dtype=ref_dtype)
         decode_rows.append(Row(SUITE, case, name, ms, extra, kind=kinds.get(name)))
     ours = next(r for r in decode_rows if r.impl.startswith("fusedlm"))
     bound = ours.extra["weight_MB_per_tok"] * 1e6 * n_new / (gbs * 1e9) * 1e3
@@ -354,10 +355,12 @@ def measure_peak_memory(impl: str, path: str, prompt: torch.Tensor, n_new: int) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _reference_trace(kind: str, ref: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> tuple[list[int], torch.Tensor]:
+def _reference_trace(kind: str, ref: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> tuple[list[int], torch.Tensor, str]:
+    """:func:`_trace` of a reference model, and the name of its dtype."""
     with warnings.catch_warnings():  # float64 runs fusedlm's ops on their reference backend, which they say
         warnings.simplefilter("ignore")
-        return _trace(kind, ref, prompt, n_new)
+        dtype = next(ref.parameters()).dtype
+        return (*_trace(kind, ref, prompt, n_new), str(dtype).removeprefix("torch."))
 
 
 def _isa_cap() -> str | None:
