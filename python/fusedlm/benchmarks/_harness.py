@@ -298,7 +298,7 @@ def _chart(rows: list[Row], info: dict, path: str) -> str | None:
     fig.legend(handles=[Patch(color="tab:green", label="peer, fusedlm faster"), Patch(color="tab:red", label="peer, fusedlm slower"),
                         Patch(color="darkgrey", label="context: fusedlm's reference / variants, PEFT vs full fine-tuning"),
                         Patch(facecolor="lightgrey", hatch="//", edgecolor="grey", label="limit (the closer to 1 the better)")],
-               loc="upper right", fontsize=7, ncol=2, bbox_to_anchor=(1.0, 1.0 - 0.9 / (0.26 * sum(sizes) + 1.1 * len(panels) + 1.2)))
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, ncol=4)  # below the panels, clear of every bar
     with warnings.catch_warnings():  # long labels: tight_layout cannot always fit them, savefig's bbox does
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
