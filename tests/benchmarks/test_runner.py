@@ -134,3 +134,41 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "results.json").read_text() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
+
+
+# ---- the chart: one panel per suite; only peers are wins or losses -------------------------------
+def test_kind_of_tells_peers_from_context_and_limits():
+    import pytest
+
+    Row = _harness.Row
+    assert _harness.kind_of(Row("s", "c", "bitsandbytes", 1.0)) == "peer"
+    assert _harness.kind_of(Row("s", "c", "fusedlm[reference]", 1.0)) == "context"  # fusedlm's own reference
+    assert _harness.kind_of(Row("s", "c", "torch reference (eager)", 1.0)) == "context"
+    assert _harness.kind_of(Row("s", "c", "fusedlm LoRA r=16", 1.0)) == "context"  # against fusedlm full fine-tuning
+    assert _harness.kind_of(Row("s", "c", "read bound", 1.0, floor=True)) == "limit"
+    # a suite says it where the name does not: fusedlm's kernels inside transformers
+    assert _harness.kind_of(Row("s", "c", "transformers + fusedlm apply()", 1.0, kind="context")) == "context"
+    with pytest.raises(ValueError, match="Row.kind must be one of"):
+        _harness.kind_of(Row("s", "c", "x", 1.0, kind="rival"))
+
+
+def test_chart_has_a_panel_per_suite_and_colours_only_peers(tmp_path):
+    import pytest
+
+    Row = _harness.Row
+    rows = _rows() + [
+        Row("other", "m=1", "fusedlm[cpu]", 1.0), Row("other", "m=1", "fast peer", 0.5),
+        Row("other", "m=1", "apply() in transformers", 3.0, kind="context"), Row("other", "m=1", "bound", 0.25, floor=True),
+        Row("other", "no fusedlm row", "peer alone", 1.0), Row("other", "m=1", "bitsandbytes (not installed)", float("nan")),
+    ]
+    panels = _harness._chart_bars(rows)
+    assert list(panels) == ["toy", "other"]
+    assert [(ratio, kind) for _, ratio, kind in panels["toy"]] == [(2.5, "peer"), (4.0, "context")]
+    assert [(ratio, kind) for _, ratio, kind in panels["other"]] == [(0.5, "peer"), (3.0, "context"), (0.25, "limit")]
+    # only a peer is a win or a loss; a context bar below 1 is grey, never red
+    assert _harness.bar_style(0.5, "peer") == ("tab:red", "") and _harness.bar_style(2.5, "peer") == ("tab:green", "")
+    assert _harness.bar_style(0.5, "context") == _harness.bar_style(4.0, "context") == ("darkgrey", "")
+    assert _harness.bar_style(0.25, "limit") == ("lightgrey", "//")
+    pytest.importorskip("matplotlib")
+    png = _harness._chart(rows, _harness.machine_info(), str(tmp_path / "chart.png"))
+    assert png == str(tmp_path / "chart.png") and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,12 @@ the same process, one after the other. A row marked ``floor`` is a limit, not a 
 nothing that does the case's work can beat (one read of the input, the machine's sgemm rate);
 its ratio says how close fusedlm comes to it.
 
+Each row has a ``kind`` (:func:`kind_of`): "peer" (another library doing the same work: its
+ratio is a win or a loss), "context" (fusedlm against its own reference or another fusedlm
+variant, one PEFT method against full fine-tuning: informative, not a contest) or "limit" (a
+floor row). A suite sets it where the impl name does not say it; the chart draws only peers as
+wins (green) or losses (red).
+
 Ops are timed twice (DESIGN.md rule 7): alone, call after call (``ms``), and as a model runs
 them, each call right after a torch op (``ms_after_torch``, see :func:`torch_op`): torch's OpenMP
 workers still spin then, and a kernel that does not share them with torch pays for it there
@@ -20,10 +26,12 @@ import contextlib
 import dataclasses
 import functools
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -40,6 +48,25 @@ class Row:
     extra: dict = dataclasses.field(default_factory=dict)  # GB/s, peak MiB, compile s, ...
     floor: bool = False  # a limit (see the module docstring), not a peer
     ms_after_torch: float | None = None  # median wall time of calls each made right after a torch op
+    kind: str | None = None  # "peer", "context" or "limit"; None: derived from impl and floor (kind_of)
+
+
+KINDS = ("peer", "context", "limit")
+
+
+def kind_of(row: Row) -> str:
+    """What a row is beside its case's fusedlm row: its ``kind`` if the suite set one, else a limit
+    if it is a floor row, context if its impl is fusedlm's own (another backend or variant, e.g.
+    "fusedlm[reference]", "fusedlm LoRA") or names a reference, else a peer."""
+    if row.kind is not None:
+        if row.kind not in KINDS:
+            raise ValueError(f"Row.kind must be one of {KINDS} or None, got {row.kind!r} (impl {row.impl!r})")
+        return row.kind
+    if row.floor:
+        return "limit"
+    if row.impl.startswith("fusedlm") or "reference" in row.impl:
+        return "context"
+    return "peer"
 
 
 def timeit(fn: Callable[[], object], *, warmup: int = 2, min_repeat: int = 5, min_seconds: float = 0.2, max_repeat: int = 200,
@@ -205,45 +232,76 @@ def write_results(rows: list[Row], out_dir: str, name: str = "results") -> tuple
     return json_path, _chart(rows, info, os.path.join(out_dir, f"{name}.png"))
 
 
-def _chart(rows: list[Row], info: dict, path: str) -> str | None:
-    """One horizontal bar per (case, peer): peer time / fusedlm time, log scale, 1.0 marked. Peers
-    are green (fusedlm faster) or red; limits (floor rows) are grey, hatched: a bar below 1 there
-    is how far fusedlm is from the limit, not a loss."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    labels, ratios, colors, hatches = [], [], [], []
+def _chart_bars(rows: list[Row]) -> dict[str, list[tuple[str, float, str]]]:
+    """Per suite, one (label, peer time / fusedlm time, kind) per row compared with its case's
+    fusedlm row (see :func:`kind_of`)."""
+    panels: dict[str, list[tuple[str, float, str]]] = {}
     for (suite, case), case_rows in _by_case(rows).items():
         ours = next((r for r in case_rows if r.impl.startswith("fusedlm")), None)
         if ours is None:
             continue
         for r in case_rows:
-            if r is ours:
-                continue
-            ratio = r.ms / ours.ms
-            labels.append(f"{suite}: {case} vs {'limit: ' if r.floor else ''}{r.impl}")
-            ratios.append(ratio)
-            colors.append("lightgrey" if r.floor else "tab:green" if ratio >= 1 else "tab:red")
-            hatches.append("//" if r.floor else "")
-    if not ratios:
+            if r is not ours and math.isfinite(r.ms / ours.ms):  # a peer that did not run (NaN) has no bar
+                kind = kind_of(r)
+                label = f"{case}: {'limit: ' if kind == 'limit' else ''}{r.impl} vs {ours.impl}"
+                panels.setdefault(suite, []).append((label, r.ms / ours.ms, kind))
+    return panels
+
+
+def bar_style(ratio: float, kind: str) -> tuple[str, str]:
+    """(colour, hatch) of a chart bar: a peer is a win (green, ratio >= 1: fusedlm faster) or a
+    loss (red); context is neutral grey whatever its ratio; a limit is hatched light grey."""
+    if kind == "peer":
+        return ("tab:green" if ratio >= 1 else "tab:red"), ""
+    if kind == "context":
+        return "darkgrey", ""
+    if kind == "limit":
+        return "lightgrey", "//"
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _chart(rows: list[Row], info: dict, path: str) -> str | None:
+    """One panel per suite, one horizontal bar per (case, other row): its time / fusedlm's time,
+    log scale, 1.0 marked. Only peers are wins (green, fusedlm faster) or losses (red); context
+    rows (fusedlm's own reference or variants, PEFT methods against full fine-tuning) are grey;
+    limits (floor rows) are hatched light grey: a bar below 1 there is how far fusedlm is from
+    the limit, not a loss."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(ratios) + 1.6))
-    bars = ax.barh(range(len(ratios)), ratios, color=colors, edgecolor="grey")
-    for bar, hatch in zip(bars, hatches):
-        bar.set_hatch(hatch)
-    ax.set_yticks(range(len(ratios)), labels, fontsize=7)
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("peer time / fusedlm time  (> 1: fusedlm faster; grey: a limit, the closer to 1 the better)")
+    panels = _chart_bars(rows)
+    if not panels:
+        return None
+    sizes = [len(bars) for bars in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.26 * sum(sizes) + 1.1 * len(panels) + 1.2),
+                             gridspec_kw={"height_ratios": [n + 2 for n in sizes]}, squeeze=False)
+    for ax, (suite, bars) in zip(axes[:, 0], panels.items()):
+        labels, ratios, kinds = zip(*bars)
+        styles = [bar_style(x, k) for x, k in zip(ratios, kinds)]
+        drawn = ax.barh(range(len(ratios)), ratios, color=[c for c, _ in styles], edgecolor="grey")
+        for bar, (_, hatch) in zip(drawn, styles):
+            bar.set_hatch(hatch)
+        ax.set_yticks(range(len(ratios)), labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"suite {suite}", fontsize=9, loc="left")
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel("its time / fusedlm's time  (> 1: fusedlm faster)")
     capped = "" if info["fusedlm_isa"] == info["fusedlm_isa_detected"] else f" (CPU: {info['fusedlm_isa_detected']})"
-    ax.set_title(f"fusedlm bench — {info['cpu']}, {info['torch_threads']} threads\n"
+    fig.suptitle(f"fusedlm bench — {info['cpu']}, {info['torch_threads']} threads\n"
                  f"fusedlm kernels {info['fusedlm_isa']}{capped}, torch kernels {info['torch_cpu_capability']}", fontsize=9)
-    ax.invert_yaxis()
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color="tab:green", label="peer, fusedlm faster"), Patch(color="tab:red", label="peer, fusedlm slower"),
+                        Patch(color="darkgrey", label="context: fusedlm's reference / variants, PEFT vs full fine-tuning"),
+                        Patch(facecolor="lightgrey", hatch="//", edgecolor="grey", label="limit (the closer to 1 the better)")],
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, ncol=4)  # below the panels, clear of every bar
+    with warnings.catch_warnings():  # long labels: tight_layout cannot always fit them, savefig's bbox does
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     with _io.atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")  # long case labels stay inside the image
     plt.close(fig)

@@ -171,6 +171,7 @@ def _matmul_case(rows: list[Row], m: int, n: int, k: int, dtype: torch.dtype, *,
     else:
         rows.append(Row(SUITE, case, "bitsandbytes (not installed)", float("nan")))
     add("dequantise-then-matmul", lambda: x @ ops.nf4_dequantize(qw).to(dtype).T)
+    rows[-1].kind = "context"  # fusedlm's own dequantise + torch's matmul: another way with fusedlm, not a peer
     w_dense = w.to(dtype)
     add(f"torch {str(dtype).removeprefix('torch.')} matmul (dense W)", lambda: x @ w_dense.T)
     ours.extra["x_dense_same_dtype"] = ms / rows[-1].ms  # fusedlm time / the dense matmul's in x's dtype
