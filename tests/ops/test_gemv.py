@@ -39,8 +39,15 @@ def _check(out, x, w, bias):
 def test_gemv_against_the_float64_product(cpu_isa, m, n, k, dtype, bias_dtype):
     x, w, bias = _case(m, n, k, dtype, bias_dtype)
     with torch.inference_mode():
-        out = _gemv.linear(x, w, bias)
+        out = _gemv.gemv(x, w, bias)  # the kernel at this level (linear() takes it where it is the faster one)
     _check(out, x, w, bias)
+    if bias is None or bias.dtype == dtype:  # (F.linear refuses a bias of another dtype; so does linear())
+        with torch.inference_mode():
+            routed = _gemv.linear(x, w, bias)
+        if cpu_isa in _gemv._FASTER[dtype]:
+            assert torch.equal(routed, out)
+        else:
+            torch.testing.assert_close(routed, F.linear(x, w, bias))
 
 
 def test_gemv_leading_dims_strides_and_a_row_slice_of_the_weight(cpu_isa):
@@ -49,7 +56,7 @@ def test_gemv_leading_dims_strides_and_a_row_slice_of_the_weight(cpu_isa):
     w = big[3:30, :257]  # rows 300 apart, unit stride along K
     x = torch.randn(2, 1, 2 * 257, generator=g)[..., ::2]  # [2, 1, 257], stride 2 along K
     with torch.no_grad():
-        out = _gemv.linear(x, w)
+        out = _gemv.gemv(x, w)
     assert out.shape == (2, 1, 27)
     _check(out.reshape(2, 27), x.reshape(2, 257), w, None)
 
@@ -62,13 +69,13 @@ def test_gemv_threads_do_not_change_results():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with torch.no_grad():
-                outs.append(_gemv.linear(x, w, bias))
+                outs.append(_gemv.gemv(x, w, bias))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # each row's sum is one thread's
 
 
-@pytest.mark.parametrize("case", ["rows", "grad", "dtypes", "float16", "forced", "weight_t", "empty", "bad_bias"])
+@pytest.mark.parametrize("case", ["rows", "grad", "dtypes", "float16", "forced", "weight_t", "empty", "bad_bias", "scalar"])
 def test_falls_back_to_f_linear(monkeypatch, case):
     calls = []
     module = _backends.cpu_module()
@@ -92,7 +99,10 @@ def test_falls_back_to_f_linear(monkeypatch, case):
     elif case == "bad_bias":
         bias = torch.randn(23)
     with ctx:
-        if case == "forced":
+        if case == "scalar":  # a level where torch's linear is the faster one
+            with _backends.cpu_isa_limit("scalar"):
+                out = _gemv.linear(x, w, bias)
+        elif case == "forced":
             with _backends.use_backend("reference"):
                 out = _gemv.linear(x, w, bias)
         elif case in ("dtypes", "bad_bias"):
