@@ -44,6 +44,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("nf4_dequantize", &nf4_dequantize, nogil);
   m.def("nf4_repack", &nf4_repack, nogil);
   m.def("nf4_gemv", &nf4_gemv, nogil);
+  m.def("dense_gemv", &dense_gemv, nogil);
   m.def("attention_forward", &attention_forward, nogil);
   m.def("attention_backward", &attention_backward, nogil);
   m.def("lora_forward", &lora_forward, nogil);

@@ -47,6 +47,15 @@ struct Nf4Args : Launch {
                            // is "medium"); bf16 x always is where the CPU has bf16 dot products
 };
 
+// ---- dense decode GEMV: out = x W^T + bias for a few rows of x (python/fusedlm/ops/_gemv.py) ----
+constexpr int64_t kGemvMaxRows = 4;
+struct GemvArgs : Launch {
+  View x;     // [M, K], M <= kGemvMaxRows, F32 or BF16, unit stride along K
+  View w;     // [N, K] of x's dtype, unit stride along K (any row stride)
+  View bias;  // F32 [N], or absent
+  View out;   // [M, N] contiguous, x's dtype
+};
+
 // ---- attention: masks, dropout recipe and edge cases are python/fusedlm/reference/attention.py's ----
 struct AttentionArgs : Launch {
   View q, k, v;           // [B, Hq, Nq, D], [B, Hkv, Nk, D], [B, Hkv, Nk, D]: F32 or BF16, unit stride along D

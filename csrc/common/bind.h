@@ -65,6 +65,9 @@ inline void bind_views_and_args(py::module_& m) {
                      field("out", &Nf4Args::out), field("tiles", &Nf4Args::tiles),
                      field("bf16_dots", &Nf4Args::bf16_dots));
 
+  bind_args<GemvArgs>(m, "GemvArgs", "Arguments of dense_gemv (common/args.h).", field("x", &GemvArgs::x),
+                      field("w", &GemvArgs::w), field("bias", &GemvArgs::bias), field("out", &GemvArgs::out));
+
   bind_args<AttentionArgs>(
       m, "AttentionArgs", "Arguments of attention_forward / attention_backward (common/args.h).",
       field("q", &AttentionArgs::q), field("k", &AttentionArgs::k), field("v", &AttentionArgs::v),

@@ -73,6 +73,19 @@ inline void check_nf4_gemv(const Nf4Args& a) {
   if (a.bias) check_contiguous(a.bias, "bias", {DType::F32}, {N});
 }
 
+// ---- dense decode GEMV ----
+inline void check_dense_gemv(const GemvArgs& a) {
+  check_view(a.x, "x", {DType::F32, DType::BF16}, {-1, -1});
+  const int64_t M = a.x.size(0), K = a.x.size(1);
+  require(M >= 1 && M <= kGemvMaxRows, "x must have 1 to " + std::to_string(kGemvMaxRows) + " rows, got " + std::to_string(M));
+  require(K >= 1 && a.x.stride(1) == 1, "x must have K >= 1 and unit stride along K");
+  check_view(a.w, "w", {a.x.dtype}, {-1, K});
+  const int64_t N = a.w.size(0);
+  require(N >= 1 && a.w.stride(1) == 1 && a.w.stride(0) >= K, "w must be [N, K] rows with unit stride along K, N >= 1");
+  check_contiguous(a.out, "out", {a.x.dtype}, {M, N});
+  if (a.bias) check_contiguous(a.bias, "bias", {DType::F32}, {N});
+}
+
 // ---- attention ----
 inline void check_attention(const AttentionArgs& a, bool backward) {
   check_view(a.q, "q", {DType::F32, DType::BF16}, {-1, -1, -1, -1});

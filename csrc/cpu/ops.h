@@ -17,6 +17,7 @@ void nf4_repack(const Nf4Args& args);
 // out = x @ W^T + bias for the NF4 weight W [N, K] (the tiles, else data and absmax): the fused
 // GEMV, for few rows of x.
 void nf4_gemv(const Nf4Args& args);
+void dense_gemv(const GemvArgs& args);
 
 // ---- attention.cpp ----
 void attention_forward(const AttentionArgs& args);

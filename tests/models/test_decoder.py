@@ -182,3 +182,23 @@ def test_labels_without_logits_edges():
     assert out.loss.item() == 0.0  # nothing labelled: 0, not NaN
     with pytest.raises(ValueError, match="labels must have shape"):
         model(ids, labels=ids[:, :-1], return_logits=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_decode_on_the_inference_fast_paths_equals_the_autograd_forward(dtype, quantized):
+    # under inference_mode a decode step runs the dense GEMV (ops._gemv), the NF4 GEMV and the
+    # attention kernel without their custom ops; with autograd on it runs F.linear and the ops
+    from fusedlm.peft import qlora
+
+    model = fused("llama-tiny").to(dtype)
+    if quantized:
+        qlora.quantize(model, blocksize=32, compute_dtype=None)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    full = model(ids).logits.detach()  # the embedding wants gradients: every op takes its autograd path
+    with torch.inference_mode():
+        cache = model.new_cache(1, ids.shape[1])
+        model(ids[:, :6], cache=cache)
+        steps = [model(ids[:, i : i + 1], cache=cache).logits for i in range(6, ids.shape[1])]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 6:], atol=tol, rtol=tol)

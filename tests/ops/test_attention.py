@@ -1,6 +1,7 @@
 """ops.attention: every backend against the reference (outputs and gradients), its autograd and
 torch.library wiring, the edge cases of DESIGN.md rule 3, and argument checks."""
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -343,11 +344,68 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.inference_mode], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("changes,error,match", BAD, ids=[m + str(i) for i, (_, _, m) in enumerate(BAD)])
-def test_bad_inputs(changes, error, match):
+def test_bad_inputs(changes, error, match, grad_mode):
+    # under inference_mode good inputs take the fast path: bad ones raise the op path's errors
     args = _bad(**changes)
-    with pytest.raises(error, match=match):
+    with grad_mode(), pytest.raises(error, match=match):
         ops.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+# ---- the inference fast path: the cpu forward kernel without the custom op (decode) ----
+
+FAST_CASES = [  # (B, Hq, Hkv, Nq, Nk, D, mask, padding)
+    (1, 32, 4, 1, 33, 64, "causal", None),  # a decode step of the TinyLlama shape
+    (2, 8, 2, 3, 1029, 80, "causal", "random"),
+    (1, 4, 4, 5, 3, 17, "causal", None),  # more queries than keys: rows that see nothing
+    (2, 6, 3, 7, 40, 128, "bidirectional", "one-empty"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: "-".join(str(x) for x in c))
+@pytest.mark.parametrize("layout", ["contiguous", "cache"])
+def test_inference_fast_path_equals_the_op_path(cpu_isa, monkeypatch, case, dtype, layout):
+    b, hq, hkv, nq, nk, d, mask, pad = case
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype=dtype)
+    if layout == "cache":  # k, v: the first Nk rows of a preallocated cache; q from [B, N, H, D]
+        k = torch.cat([k, torch.randn(b, hkv, 9, d).to(dtype)], dim=2)[:, :, :nk]
+        v = torch.cat([v, torch.randn(b, hkv, 9, d).to(dtype)], dim=2)[:, :, :nk]
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kw = dict(mask=mask, key_padding_mask=_case_kwargs((b, hq, hkv, nq, nk, d, mask, None, pad, None)).get("key_padding_mask"))
+    with ops.use_backend("cpu"):
+        op_out = ops.attention(q.clone().requires_grad_(), k, v, **kw).detach()  # autograd: the custom op
+        monkeypatch.setattr(attention_module, "_attention_op", lambda *a: pytest.fail("the fast path ran the custom op"))
+        with torch.inference_mode():
+            fast = ops.attention(q, k, v, **kw)
+    with torch.no_grad():
+        fast_auto = ops.attention(q, k, v, scale=d ** -0.5, **kw)
+    assert torch.equal(fast, op_out) and torch.equal(fast_auto, op_out)  # the same kernel and arguments: the same bits
+    want = ref.attention(q.float(), k.float(), v.float(), ref.MASK_MODES[mask], None, kw["key_padding_mask"])
+    (atol, rtol), _ = TOL[dtype]
+    torch.testing.assert_close(fast.float(), want, atol=atol, rtol=rtol)
+
+
+def test_fast_path_is_not_taken_where_the_op_must_run(monkeypatch):
+    q, k, v = _inputs(1, 4, 2, 1, 9, 16)
+    calls = []
+    real = attention_module._fast_forward
+    monkeypatch.setattr(attention_module, "_fast_forward", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        ops.attention(q, k, v, mask="prefix", prefix_len=3)
+        ops.attention(q, k, v, bias=torch.zeros(9))
+        ops.attention(q, k, v, dropout_p=0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no cpu kernel: the op path falls back, warning once
+            ops.attention(q.half(), k.half(), v.half())
+        with ops.use_backend("reference"):
+            ops.attention(q, k, v)
+    ops.attention(q.requires_grad_(), k, v).sum().backward()
+    assert len(calls) == 1 and q.grad is not None  # only the float16 call asked (and was declined)
+    with torch.no_grad():
+        ops.attention(q, k, v)
+    assert len(calls) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")

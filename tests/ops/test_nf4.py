@@ -358,7 +358,18 @@ def test_bad_quantize_inputs_name_the_argument():
         ops.nf4_quantize(w, double_quant=1)
 
 
-def test_bad_matmul_inputs_name_the_argument():
+# grad mode of a call: enable_grad with plain inputs and no_grad / inference_mode take the inference
+# fast path when the inputs are good; a bad input must raise the same error on either path
+GRAD_MODES = [torch.enable_grad, torch.no_grad, torch.inference_mode]
+
+
+@pytest.mark.parametrize("grad_mode", GRAD_MODES, ids=lambda f: f.__name__)
+def test_bad_matmul_inputs_name_the_argument(grad_mode):
+    with grad_mode():
+        _bad_matmul_inputs()
+
+
+def _bad_matmul_inputs():
     qw = ops.nf4_quantize(torch.randn(8, 64), blocksize=64)
     x = torch.randn(3, 64)
     with pytest.raises(ValueError, match="x must have last dimension K=64"):
@@ -392,3 +403,66 @@ def test_bad_matmul_inputs_name_the_argument():
         ops.nf4_matmul(x, dataclasses.replace(dq, absmax=dq.absmax.float()))
     with pytest.raises(TypeError, match="qw must be an NF4Weight"):
         ops.nf4_dequantize("weights")
+
+
+# ---- the inference fast path: the cpu GEMV without the custom op (decode) ----
+
+@pytest.mark.parametrize("lead", [(1, 1), (3,), (2, 8), "strided"], ids=str)
+@pytest.mark.parametrize("n,k,blocksize,double_quant", [(37, 256, 32, False), (40, 1024, 64, True), (5, 96, 64, False),
+                                                        (17, 4096, 4096, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+def test_inference_fast_path_equals_the_op_path(cpu_isa, monkeypatch, lead, n, k, blocksize, double_quant, dtype, bias_dtype):
+    qw = ops.nf4_quantize(_weight((n, k), torch.float32), blocksize=blocksize, double_quant=double_quant)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 2 * k, generator=g)[:, ::2] if lead == "strided" else torch.randn(*lead, k, generator=g)).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(n, generator=g).to(bias_dtype)
+    op_out = ops.nf4_matmul(x.clone().requires_grad_(), qw, bias).detach()  # autograd wants x: the custom op runs
+    monkeypatch.setattr(nf4_ops, "_nf4_matmul_op", lambda *a: pytest.fail("the fast path ran the custom op"))
+    for grad_mode in GRAD_MODES:
+        with grad_mode():
+            fast = ops.nf4_matmul(x, qw, bias)
+        assert fast.shape == op_out.shape and fast.dtype == op_out.dtype
+        assert torch.equal(fast, op_out)  # the same kernel on the same arguments: the same bits
+    torch.testing.assert_close(fast.float(), ref.matmul(x.float(), qw.data, qw.float_absmax(), blocksize, [n, k],
+                                                        None if bias is None else bias.float()),
+                               atol=0.05, rtol=0.02)
+
+
+def test_fast_path_is_not_taken_where_the_op_must_run(monkeypatch):
+    qw = ops.nf4_quantize(_weight((24, 64), torch.float32), blocksize=64)
+    x = torch.randn(2, 64)
+    calls = []
+    real = nf4_ops._fast_gemv
+    monkeypatch.setattr(nf4_ops, "_fast_gemv", lambda *a: calls.append(1) or real(*a))
+    ops.nf4_matmul(x.requires_grad_(), qw).sum().backward()  # autograd
+    assert x.grad is not None
+    with ops.use_backend("reference"):  # another backend forced
+        ops.nf4_matmul(x.detach(), qw)
+    monkeypatch.setenv("FUSEDLM_BACKEND", "reference")
+    ops.nf4_matmul(x.detach(), qw)
+    monkeypatch.delenv("FUSEDLM_BACKEND")
+    torch.library.opcheck(nf4_ops._nf4_matmul_op.custom_op,
+                          (*nf4_ops.Nf4MatmulInputs(x.detach(), qw.data, qw.absmax, 64, [24, 64], None), "cpu"))
+    assert not calls
+    ops.nf4_matmul(torch.randn(17, 64), qw)  # more rows than a decode GEMV: the op path (asked, declined)
+    ops.nf4_matmul(x.detach(), qw)
+    assert len(calls) == 2
+
+
+def test_fast_path_sees_a_weight_change():
+    qw = ops.nf4_quantize(_weight((40, 128), torch.float32), blocksize=64)
+    other = ops.nf4_quantize(_weight((40, 128), torch.float32, seed=3), blocksize=64)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        before = ops.nf4_matmul(x, qw)
+        qw.data.copy_(other.data)  # in place
+        qw.absmax.copy_(other.absmax)
+        assert torch.equal(ops.nf4_matmul(x, qw), ops.nf4_matmul(x, other))
+        assert not torch.equal(ops.nf4_matmul(x, qw), before)
+        qw.data = torch.zeros(0, dtype=torch.uint8)  # replaced by a bad field: the op path's error
+        with pytest.raises(ValueError, match="qw.data must hold"):
+            ops.nf4_matmul(x, qw)
+        qw.data, qw.blocksize = other.data, 32  # a field the views depend on
+        with pytest.raises(ValueError, match="qw.absmax must have 160 entries"):
+            ops.nf4_matmul(x, qw)

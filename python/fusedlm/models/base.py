@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops import _gemv
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -32,9 +32,10 @@ class LanguageModel(nn.Module):
         """Logits (..., V) of h (..., d) through `output` (from _output_layer), or the tied embedding.
         h goes in as 2-D: the last position of a prompt (a (B, 1, d) slice whose strides do not fold
         into rows) sends a 3-D F.linear to a batched matmul that copies the whole transposed weight
-        first (a 32000 x 2048 bf16 head: ~0.3 s per call)."""
+        first (a 32000 x 2048 bf16 head: ~0.3 s per call). At decode (a few rows, no autograd) the
+        product is fusedlm's dense GEMV (ops._gemv.linear), else F.linear."""
         weight = self._vocab_weight(output)
-        return F.linear(h.reshape(-1, h.shape[-1]), weight, bias).reshape(*h.shape[:-1], weight.shape[0])
+        return _gemv.linear(h.reshape(-1, h.shape[-1]), weight, bias).reshape(*h.shape[:-1], weight.shape[0])
 
     def _vocab_weight(self, output: nn.Linear | None) -> torch.Tensor:
         """The [V, d] matrix of the vocabulary projection: `output`'s weight, or the tied embedding."""

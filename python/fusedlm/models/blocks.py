@@ -10,9 +10,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import _gemv
 from .cache import KVCache
 from .config import ModelConfig
 from .positions import apply_rope
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose decode products (a few rows, no autograd) run fusedlm's dense GEMV
+    (``ops._gemv.linear``: float32 / bf16 weights at the read bandwidth); everything else, training
+    included, is ``F.linear``. Same parameters, state dict and repr as ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _gemv.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -47,9 +57,9 @@ class MLP(nn.Module):
         self.gated = config.mlp == "swiglu"
         self.act = _ACTIVATIONS[config.mlp]
         if self.gated:
-            self.gate_proj = nn.Linear(d, d_ff, bias=bias)
-        self.up_proj = nn.Linear(d, d_ff, bias=bias)
-        self.down_proj = nn.Linear(d_ff, d, bias=bias)
+            self.gate_proj = Linear(d, d_ff, bias=bias)
+        self.up_proj = Linear(d, d_ff, bias=bias)
+        self.down_proj = Linear(d_ff, d, bias=bias)
         self.dropout = nn.Dropout(config.mlp_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,10 +82,10 @@ class Attention(nn.Module):
         self.scale = config.attn_scale
         self.dropout_p = config.attn_dropout
         d, q_dim, kv_dim = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(d, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, d, bias=config.out_bias)
+        self.q_proj = Linear(d, q_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(d, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(d, kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(q_dim, d, bias=config.out_bias)
 
     def _heads(self, t: torch.Tensor, n_heads: int) -> torch.Tensor:
         b, n, _ = t.shape

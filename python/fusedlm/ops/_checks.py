@@ -7,11 +7,13 @@ checks (integers, finite numbers) are the shared ones of :mod:`fusedlm._validate
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Iterable
 
 import torch
 
 from .._validate import integer, number  # noqa: F401  (the ops' scalar checks: _checks.integer, _checks.number)
+from . import _backends
 from ._backends import cpu_module, cuda_module
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,3 +142,36 @@ def launch(entry: str, kind: str, device: torch.device, **fields) -> None:
     else:
         args.num_threads = num_threads()
     getattr(module, entry)(args)
+
+
+def inference_fast_path(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call with these tensors may skip its custom op and call the cpu kernel directly
+    (the ops' inference fast path: decode pays microseconds, not tens of them, per op).
+
+    Only when nothing would observe the op: ``torch.compile`` is not tracing, no torch-function or
+    dispatch mode is active (opcheck, fake tensors, FLOP counters see the custom op), every given
+    tensor is a plain CPU tensor (or a Parameter) that autograd does not follow, and no backend
+    other than cpu is forced. Cheap (a few attribute reads), and never raises: a bad input makes it
+    False or reaches the public op's checks unchanged.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TENSORS or not t.is_cpu or (grad and t.requires_grad):
+            return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return False
+    if _backends._forced:
+        return _backends._forced[-1] == "cpu"
+    return not os.environ.get("FUSEDLM_BACKEND")  # forced there (or misspelt): the op path decides
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def cpu_view(module, t: torch.Tensor):
+    """`t` as a View of fusedlm._C (`module`): address, dtype code, sizes, strides."""
+    return module.View(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape, t.stride())

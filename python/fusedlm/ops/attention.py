@@ -31,7 +31,7 @@ import torch
 
 from ..reference import attention as ref
 from . import _checks
-from ._backends import Dispatcher
+from ._backends import Dispatcher, cpu_module
 from ._records import record_op, save_for_backward, saved
 
 MAX_HEAD_DIM = 256
@@ -277,6 +277,49 @@ def _check_prefix_len(prefix_len, mask: str, b: int, nk: int, device: torch.devi
     return torch.full((b,), prefix_len, dtype=torch.int64, device=device)
 
 
+_FAST_MASKS = {"causal": ref.MASK_MODES["causal"], "bidirectional": ref.MASK_MODES["bidirectional"]}
+
+
+def _fast_forward(q, k, v, mask: str, key_padding_mask, scale) -> torch.Tensor | None:
+    """The inference fast path of :func:`attention` (``_checks.inference_fast_path``: no autograd,
+    not traced, CPU tensors): the cpu forward kernel called directly after the checks that the kernel
+    needs, for float32 / bfloat16 q, k, v, a causal or bidirectional mask, an optional key padding
+    mask, no bias, prefix or dropout -- a decode step's attention over its cache. The same kernel
+    and arguments as the op path, so the same bits. None where any condition fails: the op path
+    runs (and raises what it raises)."""
+    mode = _FAST_MASKS.get(mask)
+    dtype = q.dtype
+    if mode is None or dtype not in (torch.float32, torch.bfloat16) or k.dtype != dtype or v.dtype != dtype:
+        return None
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        return None
+    b, hq, nq, d = q.shape
+    _, hkv, nk, dk = k.shape
+    if k.shape[0] != b or dk != d or min(b, hq, nq, d, hkv, nk) < 1 or hq % hkv or d > MAX_HEAD_DIM:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, nk):
+            return None
+        key_padding_mask = key_padding_mask.contiguous()
+    module = cpu_module()
+    args = module.AttentionArgs()
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)  # alive until the kernel returns
+    args.q, args.k, args.v = _checks.cpu_view(module, q), _checks.cpu_view(module, k), _checks.cpu_view(module, v)
+    out = torch.empty((b, hq, nq, d), dtype=dtype)
+    lse = torch.empty((b, hq, nq), dtype=torch.float32)
+    args.mask_mode, args.scale = mode, scale
+    if key_padding_mask is not None:
+        args.key_padding_mask = _checks.cpu_view(module, key_padding_mask)
+    args.out, args.lse = _checks.cpu_view(module, out), _checks.cpu_view(module, lse)
+    args.num_threads = torch.get_num_threads()
+    module.attention_forward(args)
+    return out
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -319,6 +362,12 @@ def attention(
     a NaN in the v of a key it sees makes the entries it reaches NaN; other rows are unaffected
     (details: :mod:`fusedlm.reference.attention`).
     """
+    if (prefix_len is None and bias is None and generator is None and type(dropout_p) in (int, float) and dropout_p == 0
+            and type(mask) is str
+            and _checks.inference_fast_path(q, k, v, key_padding_mask)):
+        out = _fast_forward(q, k, v, mask, key_padding_mask, scale)
+        if out is not None:
+            return out
     _checks.tensor("q", q, dtypes=_ATTENTION_DTYPES, ndim=4)
     _checks.tensor("k", k, dtypes=_ATTENTION_DTYPES, ndim=4)
     _checks.tensor("v", v, dtypes=_ATTENTION_DTYPES, ndim=4)

@@ -114,6 +114,37 @@ class NF4Weight:
             cache["tiles"] = tiles
         return cache["tiles"]
 
+    def _gemv_views(self) -> dict | None:
+        """What the inference fast path of :func:`nf4_matmul` hands the cpu GEMV for this weight:
+        its fields checked once (:meth:`validate`) and laid out as fusedlm._C views. Kept while the
+        fields are the same objects and values and no tensor was written in place (as :meth:`_cache`
+        sees it, more cheaply: a decode step asks 154 times); the views point into the cached tiles
+        and absmax, which the entry keeps alive. None where the fast path does not apply (not a valid
+        2-D CPU weight with K % 32 == 0): the op path runs."""
+        tensors = (self.data, self.absmax, self.nested_absmax, self.offset)
+        facts = (self.blocksize, self.shape, self.dtype)
+        try:
+            versions = tuple(-1 if t is None or t.is_inference() else t._version for t in tensors)
+        except AttributeError:  # a field that is not a tensor: validate() says so on the op path
+            return None
+        entry = self.__dict__.get("_gemv_entry")
+        if (entry is not None and all(a is b for a, b in zip(entry[0], tensors)) and entry[1] == versions
+                and entry[2] == facts):
+            return entry[3]
+        self.__dict__.pop("_gemv_entry", None)
+        try:
+            self.validate("qw")
+        except (TypeError, ValueError):
+            return None
+        if not self.data.is_cpu or len(self.shape) != 2 or self.shape[1] % 32:
+            return None
+        module = cpu_module()
+        keep = {"data": self.data.contiguous().view(-1), "absmax": self.float_absmax().contiguous(),
+                "code": _code(self.data.device), "tiles": self.cpu_tiles()}
+        views = {name: _checks.cpu_view(module, t) for name, t in keep.items() if t is not None}
+        self.__dict__["_gemv_entry"] = (tensors, versions, facts, views, keep)
+        return views
+
     def _cache(self) -> dict:
         """What this weight derives once (float absmax, CPU tiles), dropped when data, absmax,
         nested_absmax or offset change (another tensor, or the same written in place). Inference
@@ -357,6 +388,10 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     to bf16 times the exact float32 absmax, products and sums in float32 (relative error of each
     product at most 2^-8; bitsandbytes' bf16 bounds hold). float16 x is always exact.
     """
+    if type(qw) is NF4Weight and _checks.inference_fast_path(x, bias):
+        out = _fast_gemv(x, qw, bias)
+        if out is not None:
+            return out
     _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
     if not isinstance(qw, NF4Weight):
         raise TypeError(f"qw must be an NF4Weight, got {type(qw).__name__}")
@@ -374,6 +409,44 @@ def nf4_matmul(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None = None)
     inputs = Nf4MatmulInputs(x=x, data=qw.data, absmax=qw.float_absmax(), blocksize=qw.blocksize, shape=list(qw.shape),
                              bias=bias, tiles=qw.cpu_tiles() if backend == "cpu" else None)
     return _nf4_matmul_op(inputs, backend)
+
+
+def _fast_gemv(x: torch.Tensor, qw: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The inference fast path of :func:`nf4_matmul` (decode: up to CPU_GEMV_MAX_ROWS rows of x on
+    the CPU, no autograd, not traced; ``_checks.inference_fast_path``): the cpu GEMV called directly
+    with the weight's views made once (:meth:`NF4Weight._gemv_views`), skipping the custom op and
+    the per-call checks of the weight. The same kernel with the same arguments as the op path, so
+    the same bits. None where any condition fails: the op path then runs (and raises what it raises)."""
+    views = qw._gemv_views()
+    if views is None or x.dtype not in _checks.FLOAT_DTYPES:
+        return None
+    n_out, k = qw.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        return None
+    m = x.numel() // k
+    if m == 0 or m > CPU_GEMV_MAX_ROWS:
+        return None
+    if bias is not None:
+        if bias.dtype not in _checks.FLOAT_DTYPES or bias.shape != (n_out,):
+            return None
+        bias = bias.float().contiguous()
+    module = cpu_module()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
+    args = module.Nf4Args()
+    args.data, args.absmax, args.code, args.blocksize = views["data"], views["absmax"], views["code"], qw.blocksize
+    if "tiles" in views:
+        args.tiles = views["tiles"]
+    code = _checks.DTYPE_CODES[x.dtype]
+    args.x = module.View(x.data_ptr(), code, (m, k), (k, 1))  # x and out as [M, K] and [M, N] rows
+    args.out = module.View(out.data_ptr(), code, (m, n_out), (n_out, 1))
+    if bias is not None:
+        args.bias = _checks.cpu_view(module, bias)
+    args.num_threads = torch.get_num_threads()
+    args.bf16_dots = torch.get_float32_matmul_precision() == "medium"
+    module.nf4_gemv(args)
+    return out
 
 
 _matmul = Dispatcher("nf4_matmul")
