@@ -22,6 +22,7 @@ def _peak():
 
 @pytest.mark.parametrize("method", ["LoRA", "QLoRA"])
 def test_fine_tuning_case_rows(method):
+    pytest.importorskip("transformers")  # the checkpoint both sides load
     pytest.importorskip("peft")
     if method == "QLoRA":
         pytest.importorskip("bitsandbytes")

@@ -87,18 +87,25 @@ def test_double_quant_is_identical_to_bitsandbytes(blocksize, scale):
 
 
 def test_double_quant_codes_are_nearest_but_near_boundaries():
-    # bitsandbytes (and so the reference) rounds the scaled value to a grid of 65536 points before
-    # taking the nearest map entry: a code differs from the nearest entry by at most one step,
-    # and only for values within half a grid step of a decision boundary
-    absmax = torch.rand(4096) * 0.1
+    # bitsandbytes (and so the reference) rounds the scaled value v to a grid of 65536 points before
+    # taking the nearest map entry, so the grid point g lies within half a grid step of v and the
+    # chosen entry is at most one grid step farther from v than the nearest entry. Near 0 the map's
+    # entries are closer together than the grid, so the chosen entry may be several entries away
+    # there (an earlier version of this test claimed "one entry" and failed on some draws).
+    step = 1 / 32767.5
+    absmax = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 0.1
     codes, nested, offset = ref.quantize_absmax(absmax)
     scaled = ((absmax - offset).view(-1, 256) / nested[:, None]).reshape(-1)
     code = ref.dynamic_map()
     nearest = (scaled[:, None] - code[None, :]).abs().argmin(1)
+    chosen_error = (code[codes.long()] - scaled).abs()
+    nearest_error = (code[nearest] - scaled).abs()
+    assert (chosen_error <= nearest_error + step).all()
     differ = codes.long() != nearest
-    assert ((codes.long() - nearest).abs()[differ] == 1).all()
+    far = differ & ((codes.long() - nearest).abs() > 1)
+    assert (code[nearest][far].abs() < step).all()  # several entries apart only where the map is denser than the grid
     boundary = (code[codes.long()] + code[nearest]) / 2
-    assert ((scaled - boundary).abs()[differ] <= 1 / 32767.5).all()
+    assert ((scaled - boundary).abs()[differ & ~far] <= step).all()
 
 
 def test_double_quant_round_trip():
