@@ -81,3 +81,10 @@ def run(mode: str, out: str, rank: int, world: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Leave without running C++ static destructors: with torch 2.13 + gloo a worker sometimes aborts
+    # after main() has returned ("terminate called without an active exception", no Python frame;
+    # ~1 run in 12 on 2 cores), when every result file is already written and the process group
+    # destroyed. That teardown is torch's, not what these tests check.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
