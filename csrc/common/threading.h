@@ -202,6 +202,15 @@ class ThreadPool {
 
 }  // namespace threading_detail
 
+// [0, n_items) split into tasks of at least `grain` items (the last may be shorter), for parallel_for.
+struct Tasks {
+  int64_t per_task, count;
+  Tasks(int64_t n_items, int64_t grain)
+      : per_task(std::max<int64_t>(grain, 1)), count((n_items + per_task - 1) / per_task) {}
+  int64_t begin(int64_t task) const { return task * per_task; }
+  int64_t end(int64_t task, int64_t n_items) const { return std::min(n_items, (task + 1) * per_task); }
+};
+
 // Runs fn(task) for every task in [0, n_tasks) on up to num_threads threads, the caller included
 // (see the top of this file for which threads). Rethrows the first exception a task threw.
 inline void parallel_for(int64_t n_tasks, int num_threads, const std::function<void(int64_t)>& fn) {

@@ -16,13 +16,6 @@
 
 namespace fusedlm::cpu {
 namespace {
-struct Tasks {  // n_items split into runs of `grain` (the last may be shorter)
-  int64_t per_task, count;
-  Tasks(int64_t n_items, int64_t grain)
-      : per_task(std::max<int64_t>(grain, 1)), count((n_items + per_task - 1) / per_task) {}
-  int64_t begin(int64_t task) const { return task * per_task; }
-  int64_t end(int64_t task, int64_t n_items) const { return std::min(n_items, (task + 1) * per_task); }
-};
 
 struct Kernels {  // the entry kernels of one ISA level (the last line of dense_gemv_kernels.h)
   void (*gemv)(const GemvArgs&);

@@ -8,15 +8,6 @@
 
 constexpr int64_t kChunk = 2 * W;
 
-// Splits [0, n_items) into tasks of at least `grain` items for parallel_for.
-struct Tasks {
-  int64_t per_task, count;
-  Tasks(int64_t n_items, int64_t grain)
-      : per_task(std::max<int64_t>(grain, 1)), count((n_items + per_task - 1) / per_task) {}
-  int64_t begin(int64_t task) const { return task * per_task; }
-  int64_t end(int64_t task, int64_t n_items) const { return std::min(n_items, (task + 1) * per_task); }
-};
-
 // ---- quantise -----------------------------------------------------------------------------
 
 // Block [begin, begin + len) of w (len <= blocksize; shorter only for the last block): writes its
